@@ -1,0 +1,177 @@
+"""In-batch contrastive outputs and their per-row InfoNCE losses.
+
+A ``training_step`` that learns embeddings returns an :class:`EmbeddingOutput` instead of a loss.
+The engine turns it into a :class:`ContrastiveLogits` (score blocks plus masks), lets policies edit
+the logits (GIST masks false negatives there), and reduces it to one loss per anchor row:
+
+    ℓ_i = logsumexp_j(z_ij) − z_{i, target_i},     z = [AP | AN_1 | … | AN_K] / τ
+
+which is sentence-transformers' MultipleNegativesRankingLoss at ``scale = 1/τ`` (its default
+scale 20 is τ = 0.05). All scores are cosine similarities computed in fp32 with autocast off.
+
+Example::
+
+    >>> import torch
+    >>> out = EmbeddingOutput(anchor=torch.eye(2), positive=torch.eye(2), temperature=0.1)
+    >>> logits = build_logits(out)
+    >>> logits.logits().tolist()
+    [[10.0, 0.0], [0.0, 10.0]]
+    >>> round(float(logits.per_row_loss()[0]), 6)
+    4.5e-05
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class EmbeddingOutput:
+    """What a contrastive ``training_step`` returns.
+
+    Args:
+        anchor: ``[B, D]`` anchor embeddings (need not be normalised).
+        positive: ``[B, D]`` positive embeddings; row ``i`` is the positive of anchor ``i``.
+        negatives: optional hard negatives, ``[B, D]`` (one column) or ``[B, K, D]`` (K columns).
+            Every row's negatives are candidates for every anchor, as in MNRL.
+        temperature: softmax temperature τ > 0 (MNRL's ``scale`` is ``1/τ``).
+    """
+
+    anchor: Tensor
+    positive: Tensor
+    negatives: Optional[Tensor] = None
+    temperature: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"Expected `temperature` to be a positive finite float, but got {self.temperature!r}.")
+        if self.anchor.dim() != 2 or self.positive.shape != self.anchor.shape:
+            raise ValueError(
+                "Expected `anchor` and `positive` to be [B, D] tensors of the same shape, but got "
+                f"{tuple(self.anchor.shape)} and {tuple(self.positive.shape)}."
+            )
+        if self.negatives is not None:
+            if self.negatives.dim() == 2:
+                self.negatives = self.negatives.unsqueeze(1)
+            if self.negatives.dim() != 3 or self.negatives.shape[0] != self.anchor.shape[0] or (
+                self.negatives.shape[2] != self.anchor.shape[1]
+            ):
+                raise ValueError(
+                    f"Expected `negatives` to be [B, D] or [B, K, D] with B={self.anchor.shape[0]}, "
+                    f"D={self.anchor.shape[1]}, but got {tuple(self.negatives.shape)}."
+                )
+
+    @property
+    def num_negative_columns(self) -> int:
+        return 0 if self.negatives is None else int(self.negatives.shape[1])
+
+    def finite_rows(self) -> Tensor:
+        """``[B]`` bool: rows whose anchor, positive and negatives are all finite."""
+        ok = torch.isfinite(self.anchor).all(1) & torch.isfinite(self.positive).all(1)
+        if self.negatives is not None:
+            ok &= torch.isfinite(self.negatives).flatten(1).all(1)
+        return ok
+
+
+@dataclass
+class LogitBlock:
+    """One block of candidate scores for every anchor row: ``scores[i, j]`` is a cosine similarity."""
+
+    name: str
+    scores: Tensor
+    mask: Optional[Tensor] = None  # True = removed from the softmax
+
+    def add_mask(self, mask: Tensor) -> None:
+        if mask.shape != self.scores.shape:
+            raise ValueError(
+                f"Expected a mask of shape {tuple(self.scores.shape)} for block {self.name!r}, but got "
+                f"{tuple(mask.shape)}."
+            )
+        self.mask = mask if self.mask is None else (self.mask | mask)
+
+
+@dataclass
+class ContrastiveLogits:
+    """Score blocks for every anchor row, their masks, the target column and the temperature.
+
+    The target of row ``i`` is column ``target[i]`` of the first block (``"ap"``). Policies edit the
+    logits by adding blocks (:meth:`add_block`) or masks (``block(name).add_mask``); the target
+    entry itself is never masked.
+    """
+
+    blocks: list[LogitBlock]
+    target: Tensor
+    temperature: float
+    embeddings: dict[str, Tensor] = field(default_factory=dict)
+
+    def block(self, name: str) -> LogitBlock:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(f"No logit block named {name!r}; present: {[b.name for b in self.blocks]}.")
+
+    def add_block(self, name: str, scores: Tensor, mask: Optional[Tensor] = None) -> None:
+        if any(b.name == name for b in self.blocks):
+            raise ValueError(f"A logit block named {name!r} already exists.")
+        self.blocks.append(LogitBlock(name, scores, mask))
+
+    def logits(self) -> Tensor:
+        """``[B, C]`` fp32 logits with masked entries at −inf (the target is always kept)."""
+        parts = []
+        rows = torch.arange(self.target.shape[0], device=self.target.device)
+        for k, b in enumerate(self.blocks):
+            z = b.scores / self.temperature
+            if b.mask is not None:
+                mask = b.mask
+                if k == 0:
+                    mask = mask.clone()
+                    mask[rows, self.target] = False
+                z = z.masked_fill(mask, float("-inf"))
+            parts.append(z)
+        return torch.cat(parts, dim=1)
+
+    def per_row_loss(self) -> Tensor:
+        """``[B]`` InfoNCE losses ``logsumexp(z_i) − z_{i,target_i}``."""
+        z = self.logits()
+        rows = torch.arange(z.shape[0], device=z.device)
+        return torch.logsumexp(z, dim=1) - z[rows, self.target]
+
+    def masked_fraction(self) -> dict[str, Tensor]:
+        """Fraction of entries removed from each block (the target entry excluded from ``ap``)."""
+        out = {}
+        for k, b in enumerate(self.blocks):
+            if b.mask is None:
+                out[b.name] = b.scores.new_zeros(())
+                continue
+            n = b.mask.numel() - (self.target.shape[0] if k == 0 else 0)
+            removed = b.mask.sum() - (b.mask[torch.arange(self.target.shape[0]), self.target].sum() if k == 0 else 0)
+            out[b.name] = removed.float() / max(n, 1)
+        return out
+
+
+def build_logits(output: EmbeddingOutput) -> ContrastiveLogits:
+    """MNRL logits for an :class:`EmbeddingOutput`: ``AP = cos(a, p)`` and one ``AN_k`` block per
+    hard-negative column, all in fp32. Positives of other rows are the in-batch negatives."""
+    with torch.autocast(device_type=output.anchor.device.type, enabled=False):
+        a = F.normalize(output.anchor.float(), dim=-1)
+        p = F.normalize(output.positive.float(), dim=-1)
+        blocks = [LogitBlock("ap", a @ p.T)]
+        embeddings = {"anchor": a, "positive": p}
+        if output.negatives is not None:
+            n = F.normalize(output.negatives.float(), dim=-1)
+            embeddings["negatives"] = n
+            for k in range(n.shape[1]):
+                blocks.append(LogitBlock(f"an{k}", a @ n[:, k].T))
+    target = torch.arange(a.shape[0], device=a.device)
+    return ContrastiveLogits(blocks, target, float(output.temperature), embeddings)
+
+
+def info_nce_per_row(output: EmbeddingOutput) -> Tensor:
+    """``[B]`` per-row MNRL/InfoNCE losses of an :class:`EmbeddingOutput` (no masking)."""
+    return build_logits(output).per_row_loss()

@@ -1,0 +1,5 @@
+"""Data modules: the embedded scikit-learn digits default (offline, shipped by scikit-learn)."""
+
+from lightning_select.data.digits import DigitsPairsDataModule, EpochSeededSampler, hashed_uniform
+
+__all__ = ["DigitsPairsDataModule", "EpochSeededSampler", "hashed_uniform"]

@@ -1,0 +1,434 @@
+"""The per-step selection engine: one pipeline per training step.
+
+Every training step with at least one active :class:`SelectionPolicy` runs these stages, in order:
+
+1. **Scoring** (only if a policy sets ``needs_scores``): a no-grad pass of the user's
+   ``training_step`` on the full batch, in ``"eval"`` or ``"train"`` mode, with ``self.log`` muted.
+   Result: ``ctx.scores`` (``[B]`` per-sample losses).
+2. **Selection**: each policy's :meth:`~SelectionPolicy.select` narrows ``ctx.rows``; the batch is
+   subset (dicts, tuples, lists, dataclasses, tensors and lists of strings).
+3. **The user's training_step** on the subset.
+4. **Logit edits**: for an :class:`~lightning_select.contrastive.EmbeddingOutput`, policies edit
+   the :class:`~lightning_select.contrastive.ContrastiveLogits` (e.g. mask false negatives), and
+   the engine turns them into per-row InfoNCE losses. Per-sample losses are always fp32.
+5. **Weights**: the product of every policy's :meth:`~SelectionPolicy.sample_weights`.
+6. **Reduction** to one scalar, globally normalised under DDP (see :mod:`~lightning_select.reduction`).
+7. **Observers**: each policy's :meth:`~SelectionPolicy.observe` (e.g. :class:`LossHistory`).
+
+Within a stage, policies run in ascending ``order`` and then in their position in
+``Trainer(callbacks=...)``: deterministic and documented.
+
+The engine installs itself in one of two ways, both running :meth:`SelectionEngine.run_step`:
+
+* by wrapping ``LightningModule.training_step`` when a policy is set up under any stock strategy
+  (``auto``, single device, ``ddp``, ``ddp_spawn``); the wrapper runs inside DDP's forward
+  redirection and is removed at teardown;
+* as a registered strategy (``strategy="ddp_select"`` / ``"single_device_select"``, see
+  :mod:`~lightning_select.strategies`) which calls the engine from ``Strategy.training_step``.
+
+Add a :class:`SelectionEngine` callback only to change its settings (index key, NaN policy, logging
+cadence); otherwise a default engine is created by the first policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from lightning_select.batch import IndexKey, batch_size_of, get_indices, select_batch
+from lightning_select.contrastive import ContrastiveLogits, EmbeddingOutput, build_logits
+from lightning_select.reduction import effective_sample_size, weighted_global_mean
+
+try:  # lightning >= 2.1
+    from typing_extensions import override
+except ImportError:  # pragma: no cover
+    def override(f):  # type: ignore[no-redef]
+        return f
+
+_WRAPPED_FLAG = "__lightning_select_wrapped__"
+_ENGINE_ATTR = "_lightning_select_engine"
+
+
+class SelectionError(RuntimeError):
+    """Raised when a batch or a ``training_step`` output breaks the per-sample contract."""
+
+
+@dataclass
+class StepContext:
+    """Everything the policies see during one training step.
+
+    Positions (``rows``) index the full local batch; ``indices`` are the stable dataset indices
+    carried by the batch. ``kept_indices = indices[rows]``.
+    """
+
+    trainer: "pl.Trainer"
+    module: "pl.LightningModule"
+    batch: Any
+    batch_idx: int
+    indices: Tensor
+    batch_size: int
+    rows: Tensor
+    scores: Optional[Tensor] = None
+    sub_batch: Any = None
+    output: Any = None
+    logits: Optional[ContrastiveLogits] = None
+    losses: Optional[Tensor] = None
+    weights: Optional[Tensor] = None
+    #: False when every row was deselected on this rank; one row is then trained with weight 0 so
+    #: that DDP still sees every parameter and the gradient is not halved.
+    has_samples: bool = True
+    #: Extra per-sample statistics (``[len(rows)]`` tensors) that observers may record.
+    sample_stats: dict[str, Tensor] = field(default_factory=dict)
+    should_log: bool = False
+
+    @property
+    def kept_indices(self) -> Tensor:
+        return self.indices.index_select(0, self.rows.to(self.indices.device))
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """``[W, *shape]`` gather across ranks (``[1, *shape]`` in a single process). Equal shapes required."""
+        if self.trainer.world_size == 1:
+            return tensor.unsqueeze(0)
+        return self.trainer.strategy.all_gather(tensor)
+
+    def log(self, name: str, value: Any) -> None:
+        """Log ``value`` through Lightning's logger at the trainer's logging cadence."""
+        if self.should_log:
+            self.module.log(name, value, on_step=True, on_epoch=False, batch_size=int(self.rows.numel()))
+
+
+class SelectionPolicy(Callback):
+    """Base class of every lightning_select policy: a thin Callback around a pure tensor rule.
+
+    Subclasses override only the stages they take part in. Class attributes declare behaviour:
+
+    Attributes:
+        order: position within each stage (lower first); ties keep the callback order.
+        needs_scores: request the no-grad scoring pass (stage 1).
+        needs_per_sample_loss: the policy cannot work with a scalar ``training_step`` loss.
+        scoring_mode: ``"eval"`` or ``"train"`` mode for the scoring pass (BatchNorm statistics are
+            updated in train mode).
+    """
+
+    order: int = 100
+    needs_scores: bool = False
+    needs_per_sample_loss: bool = True
+    scoring_mode: Literal["eval", "train"] = "eval"
+
+    def is_active(self, trainer: "pl.Trainer") -> bool:
+        """Whether the policy takes part in the current step (e.g. after a warm-up)."""
+        return True
+
+    def select(self, ctx: StepContext) -> Optional[Tensor]:
+        """Return a ``[len(ctx.rows)]`` bool keep-mask or int positions into ``ctx.rows``, or None."""
+        return None
+
+    def edit_logits(self, ctx: StepContext, logits: ContrastiveLogits) -> None:
+        """Edit contrastive logits in place (add blocks or masks)."""
+
+    def sample_weights(self, ctx: StepContext) -> Optional[Tensor]:
+        """Return ``[len(ctx.rows)]`` non-negative weights, or None for all ones."""
+        return None
+
+    def observe(self, ctx: StepContext) -> None:
+        """Record what happened (losses are ``ctx.losses.detach()``)."""
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit":
+            SelectionEngine.ensure_installed(trainer, pl_module)
+
+
+class SelectionEngine(Callback):
+    """Runs the per-step pipeline for every :class:`SelectionPolicy` in the trainer.
+
+    Args:
+        index_key: where batches carry sample indices (dict key, or tuple position).
+        nan_policy: what to do with a non-finite per-sample loss: ``"raise"`` (default; nothing is
+            recorded for the step) or ``"skip"`` (warn, log ``select/nonfinite_count`` and re-run the
+            step without those samples, so that no NaN reaches the gradient or any history).
+        log_every_n_steps: logging cadence of the engine's and policies' statistics; defaults to
+            the trainer's ``log_every_n_steps``.
+
+    Example::
+
+        >>> from lightning_select import LossHistory, SelectionEngine
+        >>> callbacks = [SelectionEngine(index_key="idx", nan_policy="skip"), LossHistory(num_samples=100)]
+    """
+
+    def __init__(
+        self,
+        index_key: IndexKey = "index",
+        nan_policy: Literal["raise", "skip"] = "raise",
+        log_every_n_steps: Optional[int] = None,
+    ) -> None:
+        if nan_policy not in ("raise", "skip"):
+            raise ValueError(f"Expected `nan_policy` to be 'raise' or 'skip', but got {nan_policy!r}.")
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise ValueError(f"Expected `log_every_n_steps` >= 1, but got {log_every_n_steps}.")
+        self.index_key = index_key
+        self.nan_policy = nan_policy
+        self.log_every_n_steps = log_every_n_steps
+        self.policies: list[SelectionPolicy] = []
+        self._trainer: Optional["pl.Trainer"] = None
+
+    # ------------------------------------------------------------------ installation
+    @staticmethod
+    def ensure_installed(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> "SelectionEngine":
+        """Find (or create) the trainer's engine and install it on ``pl_module``. Idempotent."""
+        engines = [cb for cb in trainer.callbacks if isinstance(cb, SelectionEngine)]
+        if len(engines) > 1:
+            raise ValueError("Expected at most one SelectionEngine callback, but got %d." % len(engines))
+        existing = getattr(pl_module, _ENGINE_ATTR, None)
+        engine = engines[0] if engines else (existing or SelectionEngine())
+        engine.install(trainer, pl_module)
+        return engine
+
+    def install(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        from lightning_select.strategies import SelectStrategyMixin
+
+        if not pl_module.automatic_optimization:
+            raise SelectionError(
+                f"lightning_select policies need automatic optimization, but {type(pl_module).__name__} sets "
+                "`automatic_optimization = False`. With manual optimization, call the pure functions "
+                "(e.g. `weighted_global_mean`, `LossHistory.update`) from your own training_step instead."
+            )
+        self._trainer = trainer
+        positioned = [(cb.order, i, cb) for i, cb in enumerate(trainer.callbacks) if isinstance(cb, SelectionPolicy)]
+        self.policies = [cb for _, _, cb in sorted(positioned, key=lambda t: (t[0], t[1]))]
+        setattr(pl_module, _ENGINE_ATTR, self)
+        if isinstance(trainer.strategy, SelectStrategyMixin):
+            return  # the strategy calls run_step itself
+        current = pl_module.training_step
+        if getattr(current, _WRAPPED_FLAG, False):
+            return
+        original = current
+
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            return self.run_step(pl_module, original, *args, **kwargs)
+
+        setattr(training_step, _WRAPPED_FLAG, True)
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+
+    def uninstall(self, pl_module: "pl.LightningModule") -> None:
+        if getattr(pl_module.__dict__.get("training_step"), _WRAPPED_FLAG, False):
+            del pl_module.training_step
+        if pl_module.__dict__.get(_ENGINE_ATTR) is self:
+            delattr(pl_module, _ENGINE_ATTR)
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit":  # also without policies: the engine then reduces per-sample outputs to a mean
+            self.install(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self.uninstall(pl_module)
+
+    # ------------------------------------------------------------------ the pipeline
+    def run_step(self, module: "pl.LightningModule", step_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one training step through the seven stages (see the module docstring)."""
+        trainer = module.trainer
+        policies = [p for p in self.policies if p.is_active(trainer)]
+        batch, rest = args[0], args[1:]
+        batch_idx = int(rest[0]) if rest else int(kwargs.get("batch_idx", 0))
+        size = batch_size_of(batch)
+        # Without active policies the indices are not needed: the engine only reduces per-sample outputs.
+        indices = get_indices(batch, self.index_key) if policies else torch.arange(size)
+        if indices.shape[0] != size:
+            raise SelectionError(
+                f"The batch holds {size} samples but {indices.shape[0]} sample indices; every sample needs one index."
+            )
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        ctx = StepContext(
+            trainer=trainer,
+            module=module,
+            batch=batch,
+            batch_idx=batch_idx,
+            indices=indices,
+            batch_size=size,
+            rows=torch.arange(size, device=indices.device),
+            should_log=trainer.logger is not None and batch_idx % every == 0,
+        )
+        need_per_sample = [type(p).__name__ for p in policies if p.needs_per_sample_loss]
+
+        # 1. scoring pass
+        scorers = [p for p in policies if p.needs_scores]
+        if scorers:
+            modes = {p.scoring_mode for p in scorers}
+            if len(modes) > 1:
+                raise SelectionError(f"Policies disagree on the scoring-pass mode: {sorted(modes)}; set one mode.")
+            with torch.no_grad(), _scoring_mode(module, modes.pop()), _muted_logging(module):
+                out = step_fn(batch, *rest, **kwargs)
+                ctx.scores = self._per_sample_losses(out, ctx, policies, [type(p).__name__ for p in scorers], size)
+                if ctx.scores is None:  # pragma: no cover - _per_sample_losses raised already
+                    raise SelectionError("scoring pass returned no per-sample losses")
+                ctx.scores = ctx.scores.detach()
+                ctx.logits = None
+
+        # 2. selection
+        subset = False
+        for p in policies:
+            keep = p.select(ctx)
+            if keep is not None:
+                ctx.rows = ctx.rows[keep.to(ctx.rows.device)]
+                subset = True
+        if subset and ctx.rows.numel() == 0:
+            ctx.has_samples = False
+            ctx.rows = torch.zeros(1, dtype=torch.long, device=indices.device)
+
+        # 3. the user's step on the subset
+        ctx.sub_batch = select_batch(batch, ctx.rows, size) if subset else batch
+        ctx.output = step_fn(ctx.sub_batch, *rest, **kwargs)
+        bad = _nonfinite_rows(ctx.output)
+        if bad is not None and bool(bad.any()):
+            self._skip_nonfinite(ctx, bad, step_fn, rest, kwargs)
+
+        # 4. logit edits and per-sample losses
+        losses = self._per_sample_losses(ctx.output, ctx, policies, need_per_sample, ctx.rows.numel())
+        if losses is None:
+            return ctx.output  # scalar loss and no policy needs per-sample values
+        ctx.losses = losses
+
+        # 5. weights
+        weights = torch.ones_like(losses.detach())
+        for p in policies:
+            w = p.sample_weights(ctx)
+            if w is not None:
+                if w.shape != weights.shape:
+                    raise SelectionError(
+                        f"{type(p).__name__}.sample_weights returned shape {tuple(w.shape)}; expected {tuple(weights.shape)}."
+                    )
+                weights = weights * w.detach().to(weights)
+        if not ctx.has_samples:
+            weights = torch.zeros_like(weights)
+        ctx.weights = weights
+
+        # 6. reduction
+        loss = weighted_global_mean(losses, weights, trainer.world_size, _all_reduce_sum(trainer))
+
+        # 7. observers
+        for p in policies:
+            p.observe(ctx)
+
+        if ctx.should_log:
+            ctx.log("select/kept_fraction", ctx.rows.numel() / size if ctx.has_samples else 0.0)
+            ctx.log("select/weight_mean", weights.mean())
+            ctx.log("select/weight_ess_fraction", effective_sample_size(weights) / weights.numel())
+            ctx.log("select/loss_mean", losses.detach().mean())
+        out = ctx.output
+        if isinstance(out, dict):
+            return {**out, "loss": loss}
+        return loss
+
+    def _skip_nonfinite(
+        self, ctx: StepContext, bad: Tensor, step_fn: Callable[..., Any], rest: tuple, kwargs: dict
+    ) -> None:
+        """Apply ``nan_policy`` to the rows flagged in ``bad``; re-run the step without them for "skip"."""
+        bad = bad.to(ctx.rows.device)
+        bad_indices = ctx.kept_indices[bad].tolist()
+        if self.nan_policy == "raise" or bool(bad.all()):
+            reason = "every sample in the batch is affected, " if self.nan_policy == "skip" else ""
+            raise SelectionError(
+                f"Non-finite loss or embedding for sample indices {bad_indices[:20]} at batch {ctx.batch_idx}; "
+                f"{reason}nothing was recorded for this step. Fix the data or model (e.g. lower the learning "
+                "rate), or pass SelectionEngine(nan_policy='skip') to drop such samples with a warning."
+            )
+        warnings.warn(
+            f"lightning_select: skipping {len(bad_indices)} sample(s) with a non-finite loss at batch "
+            f"{ctx.batch_idx}: indices {bad_indices[:20]}",
+            RuntimeWarning,
+        )
+        ctx.module.log(
+            "select/nonfinite_count", float(len(bad_indices)), on_step=True, on_epoch=True, reduce_fx="sum", batch_size=1)
+        ctx.rows = ctx.rows[~bad]
+        ctx.sub_batch = select_batch(ctx.batch, ctx.rows, ctx.batch_size)
+        ctx.output = step_fn(ctx.sub_batch, *rest, **kwargs)
+        still_bad = _nonfinite_rows(ctx.output)
+        if still_bad is not None and bool(still_bad.any()):
+            raise SelectionError(
+                f"Re-running batch {ctx.batch_idx} without the non-finite samples produced non-finite losses "
+                f"again (indices {ctx.kept_indices[still_bad.to(ctx.rows.device)].tolist()[:20]}); the model "
+                "itself has diverged."
+            )
+
+    def _per_sample_losses(
+        self, out: Any, ctx: StepContext, policies: list[SelectionPolicy], requesters: list[str], expected: int
+    ) -> Optional[Tensor]:
+        raw = out.get("loss") if isinstance(out, dict) else out
+        if isinstance(raw, EmbeddingOutput):
+            logits = build_logits(raw)
+            ctx.logits = logits
+            for p in policies:
+                p.edit_logits(ctx, logits)
+            return logits.per_row_loss()
+        if not isinstance(raw, Tensor):
+            raise SelectionError(
+                f"training_step returned {type(raw).__name__}; lightning_select expects a [B] per-sample loss "
+                "tensor, a dict whose 'loss' is [B], or an EmbeddingOutput."
+            )
+        if raw.dim() == 0:
+            if requesters:
+                raise SelectionError(
+                    f"training_step returned a scalar loss, but {', '.join(requesters)} need(s) per-sample losses. "
+                    "Return the unreduced loss instead, e.g. `F.cross_entropy(logits, y, reduction='none')` "
+                    "(shape [B]), or a dict {'loss': per_sample_losses}, or an EmbeddingOutput."
+                )
+            return None
+        if raw.dim() != 1 or raw.shape[0] != expected:
+            raise SelectionError(
+                f"Expected training_step to return per-sample losses of shape [{expected}], but got "
+                f"{tuple(raw.shape)}. Reduce any extra dimensions per sample (e.g. `.mean(dim=1)`)."
+            )
+        return raw.float()
+
+
+def _nonfinite_rows(out: Any) -> Optional[Tensor]:
+    raw = out.get("loss") if isinstance(out, dict) else out
+    if isinstance(raw, EmbeddingOutput):
+        return ~raw.finite_rows()
+    if isinstance(raw, Tensor) and raw.dim() == 1 and raw.is_floating_point():
+        return ~torch.isfinite(raw.detach())
+    if isinstance(raw, Tensor) and raw.dim() == 0 and raw.is_floating_point() and not torch.isfinite(raw.detach()):
+        return None  # scalar losses are the user's business; Lightning's own checks apply
+    return None
+
+
+def _all_reduce_sum(trainer: "pl.Trainer") -> Optional[Callable[[Tensor], Tensor]]:
+    if trainer.world_size == 1:
+        return None
+    return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
+
+
+@contextlib.contextmanager
+def _scoring_mode(module: torch.nn.Module, mode: str) -> Iterator[None]:
+    was_training = module.training
+    module.train(mode == "train")
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+@contextlib.contextmanager
+def _muted_logging(module: "pl.LightningModule") -> Iterator[None]:
+    """Silence ``self.log``/``self.log_dict`` during the scoring pass so metrics are not doubled."""
+    noop = lambda *a, **k: None  # noqa: E731
+    module.log, module.log_dict = noop, noop  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.log, module.log_dict

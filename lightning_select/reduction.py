@@ -1,0 +1,52 @@
+"""Globally normalised weighted reduction of per-sample losses.
+
+Under DDP every rank returns ``(ℓ·w).sum() · W / Σ_ranks w.sum()``. DDP averages gradients over the
+W ranks, so the effective gradient is ``∇ Σ_all ℓ·w / Σ_all w``: the weighted mean over the global
+batch, whatever the per-rank subset sizes. A per-rank mean would bias the gradient when ranks keep
+different numbers of samples, and an empty rank would silently halve it.
+
+Example::
+
+    >>> import torch
+    >>> losses = torch.tensor([1.0, 2.0, 3.0])
+    >>> float(weighted_global_mean(losses, torch.tensor([1.0, 1.0, 2.0])))
+    2.25
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+
+def weighted_global_mean(
+    losses: Tensor,
+    weights: Tensor,
+    world_size: int = 1,
+    all_reduce_sum: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Tensor:
+    """``(losses·weights).sum() · world_size / all_reduce_sum(weights.sum())``.
+
+    Args:
+        losses: ``[b]`` per-sample losses (carry the gradient).
+        weights: ``[b]`` non-negative weights (treated as constants: detached).
+        world_size: number of ranks W.
+        all_reduce_sum: sums a scalar tensor over ranks; identity when omitted (single process).
+
+    Returns:
+        A scalar. It is exactly 0 (never NaN) when the global weight sum is 0.
+    """
+    weights = weights.detach().to(losses.dtype)
+    total = weights.sum()
+    if all_reduce_sum is not None and world_size > 1:
+        total = all_reduce_sum(total.clone())
+    numerator = (losses * weights).sum()
+    return numerator * world_size / total.clamp_min(torch.finfo(losses.dtype).tiny)
+
+
+def effective_sample_size(weights: Tensor) -> Tensor:
+    """Kish's effective sample size ``(Σw)² / Σw²`` (0 for all-zero weights)."""
+    w = weights.detach().float()
+    return w.sum().square() / w.square().sum().clamp_min(torch.finfo(torch.float32).tiny)
