@@ -103,6 +103,15 @@ class StepContext:
             return tensor.unsqueeze(0)
         return self.trainer.strategy.all_gather(tensor)
 
+    def generator(self, seed: int) -> torch.Generator:
+        """A CPU generator seeded by ``(seed, epoch, batch_idx, rank)``.
+
+        Random selections drawn from it are a pure function of where training is, so they are
+        reproducible, differ across ranks, and resume exactly without checkpointing any RNG state.
+        """
+        key = ((seed * 1_000_003 + self.trainer.current_epoch) * 1_000_033 + self.batch_idx) * 8_191
+        return torch.Generator().manual_seed((key + self.trainer.global_rank) % (2**63 - 1))
+
     def log(self, name: str, value: Any) -> None:
         """Log ``value`` through Lightning's logger at the trainer's logging cadence."""
         if self.should_log:

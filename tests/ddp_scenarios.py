@@ -1,0 +1,90 @@
+"""All 2-process CPU DDP scenarios in one launch (launch cost is paid once).
+
+Run by tests/test_ddp.py as ``python tests/ddp_scenarios.py OUT_DIR``; Lightning re-executes this
+script for rank 1. Each rank saves ``OUT_DIR/rank{r}.pt`` with what it observed; the test compares.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from helpers import (  # noqa: E402
+    GradCapture,
+    IndexWeights,
+    KeepWhere,
+    PerSampleRegressor,
+    RandomHalf,
+    regression_loader,
+)
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+
+from lightning_select import LossHistory, SelectionEngine  # noqa: E402
+from lightning_select.data import DigitsPairsDataModule  # noqa: E402
+from lightning_select.models import DigitsEmbeddingModule  # noqa: E402
+
+OUT = Path(sys.argv[1])
+
+
+def trainer(callbacks, strategy="ddp", **kw):
+    base = dict(accelerator="cpu", devices=2, strategy=strategy, logger=False, enable_progress_bar=False,
+                enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)
+    base.update(kw)
+    return pl.Trainer(callbacks=callbacks, **base)
+
+
+def grad_scenario(policies, strategy="ddp"):
+    """One optimizer step; returns the synchronised gradients and this rank's full-batch indices."""
+    model = PerSampleRegressor()
+    grads = GradCapture()
+    trainer(policies + [grads], strategy=strategy, max_steps=1).fit(model, regression_loader(n=64, batch_size=4))
+    return {"got": grads.grads[0], "batch_indices": grads.batch_indices[0], "trained": model.seen_batches[0]}
+
+
+def digits_run(max_epochs, name, ckpt_path=None):
+    pl.seed_everything(0)
+    history, selector = LossHistory(trace_epochs=4), RandomHalf(seed=11)
+    ckpt = ModelCheckpoint(dirpath=OUT / name, save_last=True, save_top_k=0)
+    t = trainer([SelectionEngine(), selector, history, ckpt], max_epochs=max_epochs, enable_checkpointing=True)
+    model = DigitsEmbeddingModule()
+    t.fit(model, DigitsPairsDataModule(batch_size=128), ckpt_path=ckpt_path)
+    return model, history, selector
+
+
+def main():
+    results = {}
+    # unequal per-rank subsets (rank0 keeps 4, rank1 keeps 2) with weights: global normalisation
+    results["global_norm"] = grad_scenario([KeepWhere(4, (0, 1, 2)), IndexWeights()])
+    # the same through the registered strategy
+    results["global_norm_strategy"] = grad_scenario([KeepWhere(4, (0, 1, 2)), IndexWeights()], strategy="ddp_select")
+    # rank 1 (odd indices) selects nothing: no NaN, gradient not halved
+    results["empty_rank"] = grad_scenario([KeepWhere(2, (0,))])
+
+    # history synchronisation: plain history over 2 epochs
+    pl.seed_everything(0)
+    history = LossHistory()
+    dm = DigitsPairsDataModule(batch_size=100)
+    trainer([history], max_epochs=2).fit(DigitsEmbeddingModule(), dm)
+    results["history"] = history.store.state_dict()
+
+    # resume equality under DDP
+    full_model, full_hist, full_sel = digits_run(4, "full")
+    digits_run(2, "part")
+    res_model, res_hist, res_sel = digits_run(4, "resumed", ckpt_path=OUT / "part" / "last.ckpt")
+    results["resume"] = {
+        "full": full_hist.store.state_dict(),
+        "resumed": res_hist.store.state_dict(),
+        "full_selected": [s.tolist() for s in full_sel.selected[-len(res_sel.selected):]],
+        "resumed_selected": [s.tolist() for s in res_sel.selected],
+        "full_params": [p.detach().clone() for p in full_model.parameters()],
+        "resumed_params": [p.detach().clone() for p in res_model.parameters()],
+    }
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.save(results, OUT / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()

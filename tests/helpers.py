@@ -1,0 +1,161 @@
+"""Small models, datasets and test-only policies shared by the tests and the DDP scenario script."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_select import IndexedDataset, SelectionPolicy, StepContext
+
+
+class RegressionTable(Dataset):
+    """Deterministic regression data: x [8], y scalar."""
+
+    def __init__(self, n: int = 64, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = self.x @ torch.randn(8, generator=g) + 0.1 * torch.randn(n, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+def regression_loader(n: int = 64, batch_size: int = 8, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    return DataLoader(IndexedDataset(RegressionTable(n, seed)), batch_size=batch_size, shuffle=shuffle)
+
+
+class PerSampleRegressor(pl.LightningModule):
+    """Linear model; ``training_step`` returns per-sample MSE ``[B]`` (or a scalar / dict, per ``mode``)."""
+
+    def __init__(self, mode: str = "per_sample", lr: float = 0.1, dropout: float = 0.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(8, 1))
+        self.mode = mode
+        self.lr = lr
+        self.seen_batches: list[Tensor] = []
+
+    def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        return (self.net(batch["x"]).squeeze(-1) - batch["y"]) ** 2
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Any:
+        if torch.is_grad_enabled():
+            self.seen_batches.append(batch["index"].clone())
+        losses = self.per_sample_loss(batch)
+        if self.mode == "scalar":
+            return losses.mean()
+        if self.mode == "dict":
+            return {"loss": losses, "extra": losses.detach().sum()}
+        return losses
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class KeepTopLoss(SelectionPolicy):
+    """Test policy: keep the ``k`` highest scoring-pass losses (OHEM-like), needs the scoring pass."""
+
+    needs_scores = True
+
+    def __init__(self, k: int, scoring_mode: str = "eval") -> None:
+        self.k = k
+        self.scoring_mode = scoring_mode  # type: ignore[assignment]
+        self.seen_scores: list[Tensor] = []
+
+    def select(self, ctx: StepContext) -> Optional[Tensor]:
+        assert ctx.scores is not None
+        self.seen_scores.append(ctx.scores.clone())
+        return ctx.scores[ctx.rows].topk(min(self.k, ctx.rows.numel())).indices.sort().values
+
+
+class KeepWhere(SelectionPolicy):
+    """Test policy: keep rows whose sample index satisfies ``index % modulus in residues``."""
+
+    def __init__(self, modulus: int, residues: tuple[int, ...], order: int = 100) -> None:
+        self.modulus, self.residues, self.order = modulus, residues, order
+
+    def select(self, ctx: StepContext) -> Optional[Tensor]:
+        idx = ctx.kept_indices % self.modulus
+        return torch.isin(idx, torch.tensor(self.residues))
+
+
+class IndexWeights(SelectionPolicy):
+    """Test policy: weight ``1 + index % 3``."""
+
+    def sample_weights(self, ctx: StepContext) -> Optional[Tensor]:
+        return 1.0 + (ctx.kept_indices % 3).float()
+
+
+class RandomHalf(SelectionPolicy):
+    """Test policy: keep a random half, drawn from the engine's position-seeded generator."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self.selected: list[Tensor] = []
+
+    def select(self, ctx: StepContext) -> Optional[Tensor]:
+        perm = torch.randperm(ctx.rows.numel(), generator=ctx.generator(self.seed))
+        keep = perm[: max(1, ctx.rows.numel() // 2)].sort().values
+        self.selected.append(ctx.kept_indices[keep].clone())
+        return keep
+
+
+class Recorder(SelectionPolicy):
+    """Test observer: records what each stage produced."""
+
+    order = 950
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def observe(self, ctx: StepContext) -> None:
+        self.records.append(
+            {
+                "indices": ctx.kept_indices.clone(),
+                "losses": ctx.losses.detach().clone(),
+                "weights": ctx.weights.clone(),
+                "has_samples": ctx.has_samples,
+                "dtype": ctx.losses.dtype,
+            }
+        )
+
+
+def grads_of(module: nn.Module) -> list[Tensor]:
+    return [p.grad.detach().clone() for p in module.parameters()]
+
+
+def expected_weighted_grad(model: nn.Module, x: Tensor, y: Tensor, w: Tensor) -> list[Tensor]:
+    """Independent gradient of Σ w_i (f(x_i) − y_i)² / Σ w_i for a copy of ``model``'s net."""
+    net = model.net
+    for p in net.parameters():
+        p.grad = None
+    pred = net(x).squeeze(-1)
+    loss = (w * (pred - y) ** 2).sum() / w.sum()
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    return [g.detach() for g in grads]
+
+
+class GradCapture(pl.Callback):
+    """Record the gradients seen just before every optimizer step."""
+
+    def __init__(self) -> None:
+        self.grads: list[list[Tensor]] = []
+        self.batch_indices: list[Tensor] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.batch_indices.append(batch["index"].clone())
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.grads.append([p.grad.detach().clone() for p in pl_module.parameters()])
+
+
+def mse(pred: Tensor, y: Tensor) -> Tensor:
+    return F.mse_loss(pred, y, reduction="none")
