@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lightning_select.engine import SelectionEngine, SelectionPolicy
 
@@ -27,7 +27,7 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     for name, node in (cfg.get("selector") or {}).items():
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ValueError(
-                f"selector.{name} must be a config with a `_target_` (got {OmegaConf.to_yaml(node)!r}); "
+                f"selector.{name} must be a config with a `_target_` (got {node!r}); "
                 "selector files nest their content under their own name, e.g. `gist: {_target_: ...}`."
             )
         policy = instantiate(node)

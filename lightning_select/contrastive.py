@@ -12,12 +12,12 @@ scale 20 is τ = 0.05). All scores are cosine similarities computed in fp32 with
 Example::
 
     >>> import torch
-    >>> out = EmbeddingOutput(anchor=torch.eye(2), positive=torch.eye(2), temperature=0.1)
+    >>> out = EmbeddingOutput(anchor=torch.eye(2), positive=torch.eye(2), temperature=0.5)
     >>> logits = build_logits(out)
     >>> logits.logits().tolist()
-    [[10.0, 0.0], [0.0, 10.0]]
-    >>> round(float(logits.per_row_loss()[0]), 6)
-    4.5e-05
+    [[2.0, 0.0], [0.0, 2.0]]
+    >>> round(float(logits.per_row_loss()[0]), 4)  # ln(1 + e^-2)
+    0.1269
 """
 
 from __future__ import annotations
