@@ -45,7 +45,7 @@ from torch import Tensor
 
 from lightning_select.batch import IndexKey, batch_size_of, get_indices, select_batch
 from lightning_select.contrastive import ContrastiveLogits, EmbeddingOutput, build_logits
-from lightning_select.reduction import effective_sample_size, weighted_global_mean
+from lightning_select.reduction import effective_sample_size, normalise, weighted_sum_parts
 
 try:  # lightning >= 2.1
     from typing_extensions import override
@@ -88,6 +88,14 @@ class StepContext:
     #: Extra per-sample statistics (``[len(rows)]`` tensors) that observers may record.
     sample_stats: dict[str, Tensor] = field(default_factory=dict)
     should_log: bool = False
+
+    @property
+    def sample_weights(self) -> Tensor:
+        """The final ``[len(rows)]`` weights (ones when no policy weighted)."""
+        if self.weights is not None:
+            return self.weights
+        assert self.losses is not None
+        return torch.ones_like(self.losses.detach())
 
     @property
     def kept_indices(self) -> Tensor:
@@ -299,35 +307,33 @@ class SelectionEngine(Callback):
             ctx.has_samples = False
             ctx.rows = torch.zeros(1, dtype=torch.long, device=indices.device)
 
-        # 3. the user's step on the subset
-        ctx.sub_batch = select_batch(batch, ctx.rows, size) if subset else batch
-        ctx.output = step_fn(ctx.sub_batch, *rest, **kwargs)
-        bad = _nonfinite_rows(ctx.output)
-        if bad is not None and bool(bad.any()):
-            self._skip_nonfinite(ctx, bad, step_fn, rest, kwargs)
-
-        # 4. logit edits and per-sample losses
-        losses = self._per_sample_losses(ctx.output, ctx, policies, need_per_sample, ctx.rows.numel())
-        if losses is None:
-            return ctx.output  # scalar loss and no policy needs per-sample values
-        ctx.losses = losses
-
-        # 5. weights
-        weights = torch.ones_like(losses.detach())
-        for p in policies:
-            w = p.sample_weights(ctx)
-            if w is not None:
-                if w.shape != weights.shape:
-                    raise SelectionError(
-                        f"{type(p).__name__}.sample_weights returned shape {tuple(w.shape)}; expected {tuple(weights.shape)}."
-                    )
-                weights = weights * w.detach().to(weights)
-        if not ctx.has_samples:
-            weights = torch.zeros_like(weights)
-        ctx.weights = weights
-
-        # 6. reduction
-        loss = weighted_global_mean(losses, weights, trainer.world_size, _all_reduce_sum(trainer))
+        # 3-6: the user's step, logit edits and per-sample losses, weights, reduction. A non-finite
+        # loss makes the (global) weighted sum non-finite, so every rank learns of it through the
+        # reduction's own all-reduce (no extra collective): "raise" raises everywhere and "skip"
+        # re-runs everywhere, keeping collectives in step.
+        world_size = trainer.world_size
+        for attempt in (0, 1):
+            ctx.sub_batch = select_batch(batch, ctx.rows, size) if subset else batch
+            ctx.output = step_fn(ctx.sub_batch, *rest, **kwargs)
+            losses = self._per_sample_losses(ctx.output, ctx, policies, need_per_sample, ctx.rows.numel())
+            if losses is None:
+                return ctx.output  # scalar loss and no policy needs per-sample values
+            ctx.losses = losses
+            ctx.weights = self._combined_weights(ctx, policies, losses)
+            if world_size == 1 and ctx.weights is None:
+                loss = losses.mean()
+                finite = bool(torch.isfinite(loss.detach()))
+            else:
+                numerator, weight_sum = weighted_sum_parts(losses, ctx.weights)
+                totals = torch.stack([weight_sum, numerator.detach()])
+                if world_size > 1:
+                    totals = trainer.strategy.reduce(totals, reduce_op="sum")
+                loss = normalise(numerator, totals[0], world_size)
+                finite = bool(torch.isfinite(totals[1]))
+            if finite:
+                break
+            self._drop_nonfinite(ctx, attempt)
+            subset = True
 
         # 7. observers
         for p in policies:
@@ -335,44 +341,65 @@ class SelectionEngine(Callback):
 
         if ctx.should_log:
             ctx.log("select/kept_fraction", ctx.rows.numel() / size if ctx.has_samples else 0.0)
-            ctx.log("select/weight_mean", weights.mean())
-            ctx.log("select/weight_ess_fraction", effective_sample_size(weights) / weights.numel())
+            w = ctx.sample_weights
+            ctx.log("select/weight_mean", w.mean())
+            ctx.log("select/weight_ess_fraction", effective_sample_size(w) / w.numel())
             ctx.log("select/loss_mean", losses.detach().mean())
         out = ctx.output
         if isinstance(out, dict):
             return {**out, "loss": loss}
         return loss
 
-    def _skip_nonfinite(
-        self, ctx: StepContext, bad: Tensor, step_fn: Callable[..., Any], rest: tuple, kwargs: dict
-    ) -> None:
-        """Apply ``nan_policy`` to the rows flagged in ``bad``; re-run the step without them for "skip"."""
+    @staticmethod
+    def _combined_weights(ctx: StepContext, policies: list[SelectionPolicy], losses: Tensor) -> Optional[Tensor]:
+        """Stage 5: product of the policies' weights; None (= all ones) when no policy weights."""
+        weights: Optional[Tensor] = None
+        for p in policies:
+            w = p.sample_weights(ctx)
+            if w is not None:
+                if w.shape != losses.shape:
+                    raise SelectionError(
+                        f"{type(p).__name__}.sample_weights returned shape {tuple(w.shape)}; "
+                        f"expected {tuple(losses.shape)}."
+                    )
+                w = w.detach().to(losses)
+                weights = w if weights is None else weights * w
+        if not ctx.has_samples:
+            weights = torch.zeros_like(losses.detach())
+        return weights
+
+    def _drop_nonfinite(self, ctx: StepContext, attempt: int) -> None:
+        """Apply ``nan_policy`` after some rank produced a non-finite loss: raise, or narrow ``ctx.rows``."""
+        assert ctx.losses is not None
+        raw = ctx.output.get("loss") if isinstance(ctx.output, dict) else ctx.output
+        bad = ~raw.finite_rows() if isinstance(raw, EmbeddingOutput) else torch.zeros_like(ctx.losses, dtype=torch.bool)
+        bad = (bad | ~torch.isfinite(ctx.losses.detach())) if not bool(bad.any()) else bad
         bad = bad.to(ctx.rows.device)
-        bad_indices = ctx.kept_indices[bad].tolist()
-        if self.nan_policy == "raise" or bool(bad.all()):
-            reason = "every sample in the batch is affected, " if self.nan_policy == "skip" else ""
+        bad_indices = ctx.kept_indices[bad].tolist() if ctx.has_samples else []
+        where = f"sample indices {bad_indices[:20]}" if bad_indices else "another rank's samples"
+        if attempt == 1:
             raise SelectionError(
-                f"Non-finite loss or embedding for sample indices {bad_indices[:20]} at batch {ctx.batch_idx}; "
-                f"{reason}nothing was recorded for this step. Fix the data or model (e.g. lower the learning "
-                "rate), or pass SelectionEngine(nan_policy='skip') to drop such samples with a warning."
+                f"Re-running batch {ctx.batch_idx} without the non-finite samples still produced non-finite "
+                f"losses ({where}); the model itself has diverged (lower the learning rate?)."
             )
-        warnings.warn(
-            f"lightning_select: skipping {len(bad_indices)} sample(s) with a non-finite loss at batch "
-            f"{ctx.batch_idx}: indices {bad_indices[:20]}",
-            RuntimeWarning,
-        )
+        if self.nan_policy == "raise" or (bad_indices and bool(bad.all())):
+            reason = "every sample of the batch is affected, so " if self.nan_policy == "skip" else ""
+            raise SelectionError(
+                f"Non-finite loss or embedding for {where} at batch {ctx.batch_idx}; {reason}nothing was "
+                "recorded for this step. Fix the data or model (e.g. lower the learning rate), or pass "
+                "SelectionEngine(nan_policy='skip') to drop such samples with a warning."
+            )
+        if bad_indices:
+            warnings.warn(
+                f"lightning_select: skipping {len(bad_indices)} sample(s) with a non-finite loss at batch "
+                f"{ctx.batch_idx}: indices {bad_indices[:20]}",
+                RuntimeWarning,
+            )
         ctx.module.log(
-            "select/nonfinite_count", float(len(bad_indices)), on_step=True, on_epoch=True, reduce_fx="sum", batch_size=1)
+            "select/nonfinite_count", float(len(bad_indices)), on_step=True, on_epoch=True, reduce_fx="sum",
+            batch_size=1,
+        )
         ctx.rows = ctx.rows[~bad]
-        ctx.sub_batch = select_batch(ctx.batch, ctx.rows, ctx.batch_size)
-        ctx.output = step_fn(ctx.sub_batch, *rest, **kwargs)
-        still_bad = _nonfinite_rows(ctx.output)
-        if still_bad is not None and bool(still_bad.any()):
-            raise SelectionError(
-                f"Re-running batch {ctx.batch_idx} without the non-finite samples produced non-finite losses "
-                f"again (indices {ctx.kept_indices[still_bad.to(ctx.rows.device)].tolist()[:20]}); the model "
-                "itself has diverged."
-            )
 
     def _per_sample_losses(
         self, out: Any, ctx: StepContext, policies: list[SelectionPolicy], requesters: list[str], expected: int
@@ -403,23 +430,6 @@ class SelectionEngine(Callback):
                 f"{tuple(raw.shape)}. Reduce any extra dimensions per sample (e.g. `.mean(dim=1)`)."
             )
         return raw.float()
-
-
-def _nonfinite_rows(out: Any) -> Optional[Tensor]:
-    raw = out.get("loss") if isinstance(out, dict) else out
-    if isinstance(raw, EmbeddingOutput):
-        return ~raw.finite_rows()
-    if isinstance(raw, Tensor) and raw.dim() == 1 and raw.is_floating_point():
-        return ~torch.isfinite(raw.detach())
-    if isinstance(raw, Tensor) and raw.dim() == 0 and raw.is_floating_point() and not torch.isfinite(raw.detach()):
-        return None  # scalar losses are the user's business; Lightning's own checks apply
-    return None
-
-
-def _all_reduce_sum(trainer: "pl.Trainer") -> Optional[Callable[[Tensor], Tensor]]:
-    if trainer.world_size == 1:
-        return None
-    return lambda t: trainer.strategy.reduce(t, reduce_op="sum")
 
 
 @contextlib.contextmanager

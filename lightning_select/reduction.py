@@ -23,7 +23,7 @@ from torch import Tensor
 
 def weighted_global_mean(
     losses: Tensor,
-    weights: Tensor,
+    weights: Optional[Tensor],
     world_size: int = 1,
     all_reduce_sum: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
@@ -31,19 +31,30 @@ def weighted_global_mean(
 
     Args:
         losses: ``[b]`` per-sample losses (carry the gradient).
-        weights: ``[b]`` non-negative weights (treated as constants: detached).
+        weights: ``[b]`` non-negative weights (treated as constants: detached); None means all ones.
         world_size: number of ranks W.
         all_reduce_sum: sums a scalar tensor over ranks; identity when omitted (single process).
 
     Returns:
         A scalar. It is exactly 0 (never NaN) when the global weight sum is 0.
     """
-    weights = weights.detach().to(losses.dtype)
-    total = weights.sum()
+    numerator, total = weighted_sum_parts(losses, weights)
     if all_reduce_sum is not None and world_size > 1:
         total = all_reduce_sum(total.clone())
-    numerator = (losses * weights).sum()
-    return numerator * world_size / total.clamp_min(torch.finfo(losses.dtype).tiny)
+    return normalise(numerator, total, world_size)
+
+
+def weighted_sum_parts(losses: Tensor, weights: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(Σ ℓ·w, Σ w)`` with ``w`` detached; ``weights=None`` means all ones (``Σ w = b``)."""
+    if weights is None:
+        return losses.sum(), losses.new_tensor(float(losses.numel())).detach()
+    weights = weights.detach().to(losses.dtype)
+    return (losses * weights).sum(), weights.sum()
+
+
+def normalise(numerator: Tensor, global_weight_sum: Tensor, world_size: int) -> Tensor:
+    """``numerator · W / Σ_all w``, exactly 0 when the global weight sum is 0."""
+    return numerator * world_size / global_weight_sum.clamp_min(torch.finfo(numerator.dtype).tiny)
 
 
 def effective_sample_size(weights: Tensor) -> Tensor:

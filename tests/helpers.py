@@ -121,7 +121,7 @@ class Recorder(SelectionPolicy):
             {
                 "indices": ctx.kept_indices.clone(),
                 "losses": ctx.losses.detach().clone(),
-                "weights": ctx.weights.clone(),
+                "weights": ctx.sample_weights.clone(),
                 "has_samples": ctx.has_samples,
                 "dtype": ctx.losses.dtype,
             }

@@ -112,3 +112,22 @@ def test_invalid_arguments():
         SampleLossStore(3, ema_decay=1.0)
     with pytest.raises(ValueError, match="num_samples"):
         SampleLossStore(0)
+
+
+@pytest.mark.parametrize("with_duplicates", [False, True])
+def test_update_many_equals_sequential_updates(with_duplicates):
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(50, generator=g)
+    observations = []
+    for s in range(6):
+        idx = perm[s * 8:(s + 1) * 8].clone()
+        if with_duplicates and s == 4:
+            idx[0] = perm[0]  # repeats an index of step 0 (like DistributedSampler padding)
+        observations.append((idx, torch.rand(8, generator=g), s, 0, {"fn": torch.rand(8, generator=g)}))
+    batched, sequential = SampleLossStore(50, 0.8, 2), SampleLossStore(50, 0.8, 2)
+    batched.update_many(observations)
+    for obs in observations:
+        sequential.update(*obs)
+    for k, v in sequential.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.allclose(v.nan_to_num(-1), batched.state_dict()[k].nan_to_num(-1), atol=1e-6), k

@@ -1,0 +1,110 @@
+"""Step-time overhead of the lightning_select engine + LossHistory against plain Lightning.
+
+Same model (the digits MLP embedder), same data, same seed, same Trainer settings; the only
+difference is the module returning a reduced scalar (plain) or an EmbeddingOutput routed through
+the engine with a LossHistory observer. Arms are interleaved round by round so that machine noise
+hits both; the reported figure is the ratio of median per-step times (batch start to batch end,
+which covers forward, engine, backward and optimizer step).
+
+    python benchmarks/overhead.py                 # writes benchmarks/results/overhead.json
+    python benchmarks/overhead.py --rounds 3 --epochs 2 --batch-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_select import LossHistory, SampleLossStore, SelectionEngine
+from lightning_select.data import DigitsPairsDataModule
+from lightning_select.models import DigitsEmbeddingModule
+
+
+class StepTimer(pl.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self._t0)
+
+
+def run_arm(arm: str, epochs: int, batch_size: int, hidden: int) -> tuple[list[float], float]:
+    pl.seed_everything(0)
+    timer = StepTimer()
+    callbacks: list[pl.Callback] = [timer]
+    if arm == "engine+history":
+        callbacks += [SelectionEngine(), LossHistory()]
+    model = DigitsEmbeddingModule(hidden=hidden, plain_loss=arm == "plain")
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, DigitsPairsDataModule(batch_size=batch_size))
+    wall = time.perf_counter() - start
+    return timer.times[5:], wall  # drop warm-up steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--configs", default="128x256,256x1024",
+                        help="comma-separated BATCHxHIDDEN model sizes, each measured in the same run")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    arms = ["plain", "engine+history"]
+    per_config = []
+    for config in args.configs.split(","):
+        batch_size, hidden = (int(v) for v in config.split("x"))
+        steps: dict[str, list[float]] = {a: [] for a in arms}
+        walls: dict[str, list[float]] = {a: [] for a in arms}
+        for r in range(args.rounds):
+            for arm in arms if r % 2 == 0 else arms[::-1]:
+                t, wall = run_arm(arm, args.epochs, batch_size, hidden)
+                steps[arm] += t
+                walls[arm].append(wall)
+            print(f"[{config}] round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{a} median step {1e3 * statistics.median(steps[a]):.3f} ms" for a in arms), flush=True)
+        med = {a: statistics.median(steps[a]) for a in arms}
+        per_config.append({
+            "batch_size": batch_size,
+            "hidden": hidden,
+            "steps_per_arm": {a: len(steps[a]) for a in arms},
+            "median_step_ms": {a: round(1e3 * med[a], 4) for a in arms},
+            "step_time_ratio": round(med["engine+history"] / med["plain"], 4),
+            "fit_wall_ratio": round(statistics.median(walls["engine+history"]) / statistics.median(walls["plain"]), 4),
+        })
+    result = {
+        "benchmark": "overhead",
+        "command": "python benchmarks/overhead.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "threads": args.threads,
+        "configs": per_config,
+        "history_bytes_per_sample": SampleLossStore(1_000_000).bytes_per_sample(),
+        "history_bytes_per_sample_with_trace_10": SampleLossStore(1000, trace_epochs=10).bytes_per_sample(True),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
