@@ -135,6 +135,8 @@ class SelectionPolicy(Callback):
         order: position within each stage (lower first); ties keep the callback order.
         needs_scores: request the no-grad scoring pass (stage 1).
         needs_per_sample_loss: the policy cannot work with a scalar ``training_step`` loss.
+        needs_embeddings: the policy edits contrastive logits, so ``training_step`` must return an
+            :class:`~lightning_select.contrastive.EmbeddingOutput`.
         scoring_mode: ``"eval"`` or ``"train"`` mode for the scoring pass (BatchNorm statistics are
             updated in train mode).
     """
@@ -142,6 +144,7 @@ class SelectionPolicy(Callback):
     order: int = 100
     needs_scores: bool = False
     needs_per_sample_loss: bool = True
+    needs_embeddings: bool = False
     scoring_mode: Literal["eval", "train"] = "eval"
 
     def is_active(self, trainer: "pl.Trainer") -> bool:
@@ -411,6 +414,12 @@ class SelectionEngine(Callback):
             for p in policies:
                 p.edit_logits(ctx, logits)
             return logits.per_row_loss()
+        embedders = [type(p).__name__ for p in policies if p.needs_embeddings]
+        if embedders:
+            raise SelectionError(
+                f"{', '.join(embedders)} edit(s) contrastive logits, but training_step returned "
+                f"{type(raw).__name__}. Return an EmbeddingOutput(anchor=..., positive=..., negatives=...) instead."
+            )
         if not isinstance(raw, Tensor):
             raise SelectionError(
                 f"training_step returned {type(raw).__name__}; lightning_select expects a [B] per-sample loss "

@@ -26,7 +26,7 @@ from lightning_select import LossHistory, SelectionEngine  # noqa: E402
 from lightning_select.data import DigitsPairsDataModule  # noqa: E402
 from lightning_select.models import DigitsEmbeddingModule  # noqa: E402
 
-OUT = Path(sys.argv[1])
+OUT = Path(".")  # set from argv in main(); importing this module has no side effects
 
 
 def trainer(callbacks, strategy="ddp", **kw):
@@ -55,6 +55,8 @@ def digits_run(max_epochs, name, ckpt_path=None):
 
 
 def main():
+    global OUT
+    OUT = Path(sys.argv[1])
     results = {}
     # unequal per-rank subsets (rank0 keeps 4, rank1 keeps 2) with weights: global normalisation
     results["global_norm"] = grad_scenario([KeepWhere(4, (0, 1, 2)), IndexWeights()])

@@ -79,13 +79,13 @@ def test_out_of_range_index_raises_and_changes_nothing():
             assert torch.equal(v.nan_to_num(-9), after[k].nan_to_num(-9)), k
 
 
-def test_state_dict_round_trip_and_extra_stats():
+def test_state_dict_round_trip_and_extra_stats(tmp_path):
     store = SampleLossStore(6, trace_epochs=2)
     store.update(torch.tensor([0, 3]), torch.tensor([1.0, 2.0]), 0, 0, stats={"false_negatives": torch.tensor([2.0, 0.0])})
     store.update(torch.tensor([3]), torch.tensor([4.0]), 1, 1, stats={"false_negatives": torch.tensor([1.0])})
     state = store.state_dict()
-    torch.save(state, "/tmp/_ls_state.pt")
-    loaded = SampleLossStore.from_state_dict(torch.load("/tmp/_ls_state.pt", weights_only=True))
+    torch.save(state, tmp_path / "state.pt")
+    loaded = SampleLossStore.from_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     for k, v in store.per_sample_tensors().items():
         assert torch.equal(v.nan_to_num(-1), loaded.per_sample_tensors()[k].nan_to_num(-1))
     assert loaded.stats["false_negatives"].tolist() == [2.0, 0, 0, 1.0, 0, 0]

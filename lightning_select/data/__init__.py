@@ -1,5 +1,5 @@
 """Data modules: the embedded scikit-learn digits default (offline, shipped by scikit-learn)."""
 
-from lightning_select.data.digits import DigitsPairsDataModule, EpochSeededSampler, hashed_uniform
+from lightning_select.data.digits import DigitsLDAGuide, DigitsPairsDataModule, EpochSeededSampler, hashed_uniform
 
-__all__ = ["DigitsPairsDataModule", "EpochSeededSampler", "hashed_uniform"]
+__all__ = ["DigitsLDAGuide", "DigitsPairsDataModule", "EpochSeededSampler", "hashed_uniform"]

@@ -170,3 +170,43 @@ class DigitsPairsDataModule(pl.LightningDataModule):
             batch["view1"] = augment_digits(batch["image"], idx, epoch, self.seed * 2)
             batch["view2"] = augment_digits(batch["image"], idx, epoch, self.seed * 2 + 1)
         return batch
+
+
+class DigitsLDAGuide(torch.nn.Module):
+    """A frozen guide for the digits default: a linear discriminant projection of the raw image.
+
+    Fitted with scikit-learn's LDA on the *training split only* (the same stratified split as
+    :class:`DigitsPairsDataModule` with the same ``seed`` and ``heldout_fraction``), so it never sees
+    the evaluation images. Same-digit images land close together, so the guide flags same-class
+    in-batch negatives: the real false negatives of this task.
+
+    Example::
+
+        >>> guide = DigitsLDAGuide.fit(seed=0)
+        >>> guide(torch.rand(3, 64)).shape
+        torch.Size([3, 9])
+    """
+
+    def __init__(self, mean: Tensor, projection: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("projection", projection.float())
+
+    @classmethod
+    def fit(cls, seed: int = 0, heldout_fraction: float = 0.2) -> "DigitsLDAGuide":
+        from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+        dm = DigitsPairsDataModule(seed=seed, heldout_fraction=heldout_fraction)
+        dm.setup("fit")
+        assert dm.train_set is not None
+        table = dm.train_set.dataset
+        lda = LinearDiscriminantAnalysis().fit(table.images.numpy(), table.labels.numpy())
+        return cls(torch.as_tensor(lda.xbar_), torch.as_tensor(lda.scalings_[:, : lda._max_components]))
+
+    def forward(self, images: Tensor) -> Tensor:
+        if not isinstance(images, Tensor) or images.dim() != 2 or images.shape[1] != self.mean.shape[0]:
+            raise TypeError(
+                f"DigitsLDAGuide expects [B, {self.mean.shape[0]}] image tensors, but got "
+                f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}."
+            )
+        return (images.float() - self.mean) @ self.projection
