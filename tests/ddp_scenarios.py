@@ -14,6 +14,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from helpers import (  # noqa: E402
     GradCapture,
+    KeepWhere,
     IndexWeights,
     KeepWhere,
     PerSampleRegressor,
@@ -22,8 +23,8 @@ from helpers import (  # noqa: E402
 )
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
-from lightning_select import LossHistory, SelectionEngine  # noqa: E402
-from lightning_select.data import DigitsPairsDataModule  # noqa: E402
+from lightning_select import GuidedNegatives, LossHistory, SelectionEngine, SelectionError  # noqa: E402
+from lightning_select.data import DigitsLDAGuide, DigitsPairsDataModule  # noqa: E402
 from lightning_select.models import DigitsEmbeddingModule  # noqa: E402
 
 OUT = Path(".")  # set from argv in main(); importing this module has no side effects
@@ -52,6 +53,39 @@ def digits_run(max_epochs, name, ckpt_path=None):
     model = DigitsEmbeddingModule()
     t.fit(model, DigitsPairsDataModule(batch_size=128), ckpt_path=ckpt_path)
     return model, history, selector
+
+
+class FirstBatch(pl.Callback):
+    def __init__(self):
+        self.batch = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.batch is None:
+            self.batch = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def gist_gather_scenario():
+    """GIST with cross-device candidates: DDP gradients vs a single-process full batch (checked in the test)."""
+    pl.seed_everything(0)
+    model = DigitsEmbeddingModule()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    grads, first, history = GradCapture(), FirstBatch(), LossHistory()
+    gist = GuidedNegatives(DigitsLDAGuide.fit(seed=0), "image", "image", margin=0.3, contrast_anchors=False,
+                           gather_across_devices=True)
+    trainer([SelectionEngine(), gist, history, grads, first], max_steps=2).fit(model, DigitsPairsDataModule(batch_size=32))
+    return {"initial": initial, "grads": grads.grads[0], "batch": first.batch,
+            "fn": history.store.stats["false_negatives"].clone()}
+
+
+def gist_uneven_scenario():
+    """An earlier selector keeps different row counts per rank: gathering must refuse clearly on every rank."""
+    pl.seed_everything(0)
+    gist = GuidedNegatives(DigitsLDAGuide.fit(seed=0), "image", "image", gather_across_devices=True)
+    try:
+        trainer([KeepWhere(3, (0,)), gist], max_steps=1).fit(DigitsEmbeddingModule(), DigitsPairsDataModule(batch_size=32))
+    except SelectionError as err:
+        return str(err)
+    return "no error"
 
 
 def main():
@@ -84,6 +118,8 @@ def main():
         "full_params": [p.detach().clone() for p in full_model.parameters()],
         "resumed_params": [p.detach().clone() for p in res_model.parameters()],
     }
+    results["gist_gather"] = gist_gather_scenario()
+    results["gist_uneven"] = gist_uneven_scenario()  # last: it ends a fit with an exception
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(results, OUT / f"rank{rank}.pt")
 

@@ -87,3 +87,32 @@ def test_ddp_resume_equals_uninterrupted_run(ranks):
         for p, q in zip(res["full_params"], res["resumed_params"]):
             assert torch.equal(p, q)
     _assert_tensors_equal(ranks[0]["resume"]["resumed"], ranks[1]["resume"]["resumed"])
+
+
+def test_gist_gather_across_devices_equals_full_batch_gradient(ranks):
+    from lightning_select import gist_loss
+    from lightning_select.data import DigitsLDAGuide
+    from lightning_select.data.digits import augment_digits
+    from lightning_select.models import DigitsEmbeddingModule
+
+    res = [ranks[r]["gist_gather"] for r in range(2)]
+    model = DigitsEmbeddingModule()
+    model.load_state_dict(res[0]["initial"])
+    batch = {k: torch.cat([res[0]["batch"][k], res[1]["batch"][k]]) for k in ("image", "index")}
+    v1 = augment_digits(batch["image"], batch["index"], 0, 0)
+    v2 = augment_digits(batch["image"], batch["index"], 0, 1)
+    assert torch.equal(v1, torch.cat([res[0]["batch"]["view1"], res[1]["batch"]["view1"]]))
+    guide = DigitsLDAGuide.fit(seed=0)
+    g = guide(batch["image"])
+    losses = gist_loss(model(v1), model(v2), guide_anchor=g, guide_positive=g, temperature=0.1, margin=0.3,
+                       contrast_anchors=False)
+    expected = torch.autograd.grad(losses.mean(), list(model.parameters()))
+    for r in range(2):
+        for got, exp in zip(res[r]["grads"], expected):
+            assert torch.allclose(got, exp, atol=1e-6), (r, (got - exp).abs().max())
+    assert torch.equal(res[0]["fn"], res[1]["fn"]) and res[0]["fn"].sum() > 0
+
+
+def test_gist_gather_rejects_uneven_batches_on_every_rank(ranks):
+    for r in range(2):
+        assert "same number of rows on every rank" in ranks[r]["gist_uneven"], ranks[r]["gist_uneven"]
