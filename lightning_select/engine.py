@@ -181,6 +181,13 @@ class SelectionEngine(Callback):
             step without those samples, so that no NaN reaches the gradient or any history).
         log_every_n_steps: logging cadence of the engine's and policies' statistics; defaults to
             the trainer's ``log_every_n_steps``.
+        embedding_chunk_size: gradient-cached contrastive mode (GradCache, as in
+            sentence-transformers' Cached* losses): ``training_step`` runs on chunks of this many rows
+            without grad, the loss and its gradients w.r.t. the embeddings are computed on the full
+            batch, and during ``backward`` each chunk is re-embedded with grad (same RNG state) and
+            back-propagated. Peak activation memory is that of one chunk. Requires an
+            :class:`~lightning_select.contrastive.EmbeddingOutput`. Policies may also request it
+            (``GuidedNegatives(mini_batch_size=...)``); the smallest size wins.
 
     Example::
 
@@ -193,7 +200,11 @@ class SelectionEngine(Callback):
         index_key: IndexKey = "index",
         nan_policy: Literal["raise", "skip"] = "raise",
         log_every_n_steps: Optional[int] = None,
+        embedding_chunk_size: Optional[int] = None,
     ) -> None:
+        if embedding_chunk_size is not None and embedding_chunk_size < 1:
+            raise ValueError(f"Expected `embedding_chunk_size` >= 1 (or None), but got {embedding_chunk_size}.")
+        self.embedding_chunk_size = embedding_chunk_size
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"Expected `nan_policy` to be 'raise' or 'skip', but got {nan_policy!r}.")
         if log_every_n_steps is not None and log_every_n_steps < 1:
@@ -315,9 +326,15 @@ class SelectionEngine(Callback):
         # reduction's own all-reduce (no extra collective): "raise" raises everywhere and "skip"
         # re-runs everywhere, keeping collectives in step.
         world_size = trainer.world_size
+        chunk_size = self._chunk_size(policies)
+        grad_cache: Optional[_GradCache] = None
         for attempt in (0, 1):
             ctx.sub_batch = select_batch(batch, ctx.rows, size) if subset else batch
-            ctx.output = step_fn(ctx.sub_batch, *rest, **kwargs)
+            if chunk_size:
+                grad_cache = _GradCache.embed(step_fn, ctx.sub_batch, chunk_size, rest, kwargs)
+                ctx.output = grad_cache.output
+            else:
+                ctx.output = step_fn(ctx.sub_batch, *rest, **kwargs)
             losses = self._per_sample_losses(ctx.output, ctx, policies, need_per_sample, ctx.rows.numel())
             if losses is None:
                 return ctx.output  # scalar loss and no policy needs per-sample values
@@ -337,6 +354,8 @@ class SelectionEngine(Callback):
                 break
             self._drop_nonfinite(ctx, attempt)
             subset = True
+        if grad_cache is not None:
+            loss = grad_cache.attach(loss, module, trainer)
 
         # 7. observers
         for p in policies:
@@ -352,6 +371,11 @@ class SelectionEngine(Callback):
         if isinstance(out, dict):
             return {**out, "loss": loss}
         return loss
+
+    def _chunk_size(self, policies: list[SelectionPolicy]) -> Optional[int]:
+        sizes = [s for s in [self.embedding_chunk_size, *(getattr(p, "embedding_chunk_size", None) for p in policies)]
+                 if s]
+        return min(sizes) if sizes else None
 
     @staticmethod
     def _combined_weights(ctx: StepContext, policies: list[SelectionPolicy], losses: Tensor) -> Optional[Tensor]:
@@ -439,6 +463,79 @@ class SelectionEngine(Callback):
                 f"{tuple(raw.shape)}. Reduce any extra dimensions per sample (e.g. `.mean(dim=1)`)."
             )
         return raw.float()
+
+
+class _GradCache:
+    """Chunked, gradient-cached embedding: see ``SelectionEngine(embedding_chunk_size=...)``."""
+
+    def __init__(self, output: EmbeddingOutput, leaves: list[Tensor], chunks: list[tuple[Tensor, Any]],
+                 step_fn: Callable[..., Any], batch: Any, size: int, rest: tuple, kwargs: dict,
+                 autocast: tuple[str, bool, torch.dtype]) -> None:
+        self.output, self.leaves, self.chunks = output, leaves, chunks
+        self.step_fn, self.batch, self.size, self.rest, self.kwargs = step_fn, batch, size, rest, kwargs
+        self.autocast = autocast
+
+    @classmethod
+    def embed(cls, step_fn: Callable[..., Any], batch: Any, chunk_size: int, rest: tuple, kwargs: dict) -> "_GradCache":
+        size = batch_size_of(batch)
+        outs, chunks = [], []
+        with torch.no_grad():
+            for start in range(0, size, chunk_size):
+                rows = torch.arange(start, min(size, start + chunk_size))
+                rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+                out = step_fn(select_batch(batch, rows, size), *rest, **kwargs)
+                if not isinstance(out, EmbeddingOutput):
+                    raise SelectionError(
+                        "The gradient-cached mode (embedding_chunk_size / mini_batch_size) needs training_step to "
+                        f"return an EmbeddingOutput, but it returned {type(out).__name__}."
+                    )
+                outs.append(out)
+                chunks.append((rows, rng))
+        anchor = torch.cat([o.anchor for o in outs]).requires_grad_(True)
+        positive = torch.cat([o.positive for o in outs]).requires_grad_(True)
+        negatives = None
+        if outs[0].negatives is not None:
+            negatives = torch.cat([o.negatives for o in outs]).requires_grad_(True)  # type: ignore[misc]
+        leaves = [t for t in (anchor, positive, negatives) if t is not None]
+        device = anchor.device.type
+        autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        output = EmbeddingOutput(anchor, positive, negatives, outs[0].temperature)
+        return cls(output, leaves, chunks, step_fn, batch, size, rest, kwargs, autocast)
+
+    def attach(self, loss: Tensor, module: torch.nn.Module, trainer: "pl.Trainer") -> Tensor:
+        """Cache d loss / d embeddings now; return a leaf whose backward re-embeds chunk by chunk."""
+        embedding_grads = torch.autograd.grad(loss, self.leaves)
+        params = [p for p in module.parameters() if p.requires_grad]
+        cache = self
+
+        def backward_hook(grad_output: Tensor) -> None:
+            totals: list[Optional[Tensor]] = [None] * len(params)
+            device, enabled, dtype = cache.autocast
+            for rows, (cpu_rng, cuda_rng) in cache.chunks:
+                saved = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if cuda_rng is not None else None)
+                torch.set_rng_state(cpu_rng)
+                if cuda_rng is not None:
+                    torch.cuda.set_rng_state_all(cuda_rng)
+                with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                    out = cache.step_fn(select_batch(cache.batch, rows, cache.size), *cache.rest, **cache.kwargs)
+                torch.set_rng_state(saved[0])
+                if saved[1] is not None:
+                    torch.cuda.set_rng_state_all(saved[1])
+                pieces = [out.anchor, out.positive] + ([out.negatives] if out.negatives is not None else [])
+                grads = [g[rows.to(g.device)] * grad_output for g in embedding_grads]
+                # autograd.grad does not run AccumulateGrad, so DDP's hooks fire once, below, not per chunk
+                chunk_grads = torch.autograd.grad(pieces, params, grads, allow_unused=True)
+                for k, g in enumerate(chunk_grads):
+                    if g is not None:
+                        totals[k] = g if totals[k] is None else totals[k] + g  # type: ignore[operator]
+            with torch.enable_grad():  # hooks run with grad mode off
+                surrogate = sum((p * g).sum() for p, g in zip(params, totals) if g is not None)
+            if isinstance(surrogate, Tensor):
+                surrogate.backward()
+
+        leaf = loss.detach().requires_grad_(True)
+        leaf.register_hook(backward_hook)
+        return leaf
 
 
 @contextlib.contextmanager

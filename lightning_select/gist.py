@@ -406,6 +406,9 @@ class GuidedNegatives(SelectionPolicy):
             score, threshold, epoch, step) is written there (.parquet/.csv/.npz) at the end of fit;
             under DDP each rank writes its own file with a ``.rank{r}`` suffix.
         max_flagged_pairs: cap on stored flagged pairs.
+        mini_batch_size: gradient-cached mode for large batches (like CachedGISTEmbedLoss): the
+            student embeds chunks of this many rows; peak activation memory is one chunk's. See
+            ``SelectionEngine(embedding_chunk_size=...)``. Loss and gradients equal the plain mode.
 
     Example::
 
@@ -437,7 +440,11 @@ class GuidedNegatives(SelectionPolicy):
         fingerprint: Optional[str] = None,
         flagged_pairs_path: Optional[str] = None,
         max_flagged_pairs: int = 2_000_000,
+        mini_batch_size: Optional[int] = None,
     ) -> None:
+        if mini_batch_size is not None and mini_batch_size < 1:
+            raise ValueError(f"Expected `mini_batch_size` >= 1 (or None), but got {mini_batch_size}.")
+        self.embedding_chunk_size = mini_batch_size
         if margin_strategy not in _STRATEGIES:
             raise ValueError(f"Expected `margin_strategy` in {_STRATEGIES}, but got {margin_strategy!r}.")
         if temperature is not None and not (temperature > 0 and math.isfinite(temperature)):

@@ -415,3 +415,48 @@ def test_gist_composes_with_selection(trainer_kwargs, digits_guide):
                          limit_val_batches=0, **trainer_kwargs)
     trainer.fit(DigitsEmbeddingModule(), DigitsPairsDataModule(batch_size=64))
     assert all((r["indices"] % 2 == 0).all() for r in rec.records)
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_gradient_cached_mode_matches_plain_mode(trainer_kwargs, digits_guide, chunk):
+    from helpers import GradCapture
+
+    results = []
+    for mini_batch_size in (None, chunk):
+        pl.seed_everything(0)
+        grads, rec = GradCapture(), Recorder()
+        gist = GuidedNegatives(digits_guide, "image", "image", margin=0.3, mini_batch_size=mini_batch_size)
+        trainer = pl.Trainer(callbacks=[gist, rec, grads], max_steps=1, limit_val_batches=0,
+                             accumulate_grad_batches=1, **trainer_kwargs)
+        trainer.fit(DigitsEmbeddingModule(), DigitsPairsDataModule(batch_size=50))
+        results.append((rec.records[0]["losses"], grads.grads[0]))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, atol=1e-5)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_gradient_cached_mode_with_dropout_and_accumulation(trainer_kwargs):
+    """Dropout: the chunk re-forward must replay the RNG state of the no-grad forward (one chunk of the
+    whole batch draws the same masks as the plain mode, so any replay error shows); accumulation:
+    Lightning's 1/N scale must reach the cached gradients."""
+    from helpers import GradCapture
+
+    class Dropped(DigitsEmbeddingModule):
+        def __init__(self):
+            super().__init__()
+            self.drop = torch.nn.Dropout(0.3)
+
+        def forward(self, x):
+            return self.drop(self.encoder(x))
+
+    results = []
+    for chunk in (None, 40):
+        pl.seed_everything(0)
+        grads = GradCapture()
+        trainer = pl.Trainer(callbacks=[SelectionEngine(embedding_chunk_size=chunk), grads], max_steps=1,
+                             limit_val_batches=0, accumulate_grad_batches=2, **trainer_kwargs)
+        trainer.fit(Dropped(), DigitsPairsDataModule(batch_size=40))
+        results.append(grads.grads[0])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
