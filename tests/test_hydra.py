@@ -29,11 +29,13 @@ def _options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["data", "model", "trainer", "selector", "experiment", "logger", "callbacks", "paths"])
+@pytest.mark.parametrize("group", ["data", "model", "trainer", "selector", "experiment", "logger", "callbacks", "paths", "guide"])
 def test_every_config_file_composes(group, tmp_path):
     for option in _options(group):
-        prefix = "+" if group == "selector" else ""
-        cfg = _compose([f"{prefix}{group}={option}", f"hydra.run.dir={tmp_path}"])
+        override = {"selector": f"+selector={option}",
+                    "guide": f"guide@selector.gist.guide={option}"}.get(group, f"{group}={option}")
+        extra = ["+selector=gist"] if group == "guide" else []
+        cfg = _compose(extra + [override, f"hydra.run.dir={tmp_path}"])
         job = cfg.copy()
         with open_dict(job):
             del job["hydra"]
@@ -71,6 +73,21 @@ def test_build_callbacks_rejects_flat_selector_nodes():
         cfg.selector.flat = 0.3
     with pytest.raises(ValueError, match="nest their content under their own name"):
         build_callbacks(cfg)
+
+
+def test_run_in_process_with_gist_and_history(tmp_path):
+    from lightning_select.cli import run
+
+    cfg = _compose([
+        "+selector=[gist,loss_history]", "trainer.max_epochs=1", f"paths.output_dir={tmp_path}", "callbacks=none",
+    ])
+    assert cfg.selector.gist.guide._target_.endswith("DigitsLDAGuide.fit")
+    metrics = run(cfg)
+    assert 0.0 < metrics["heldout/precision@1"] <= 1.0
+    import pandas as pd
+
+    history = pd.read_parquet(tmp_path / "loss_history.parquet")
+    assert history["stat_false_negatives"].sum() > 0  # GIST's per-sample counts flow into the history
 
 
 def test_run_in_process_with_history(tmp_path):
