@@ -246,3 +246,28 @@ def test_engine_logs_its_statistics(tmp_path, trainer_kwargs):
     for key in ("select/kept_fraction", "select/weight_mean", "select/weight_ess_fraction", "select/loss_mean"):
         assert key in trainer.logged_metrics, key
     assert trainer.logged_metrics["select/kept_fraction"] == 0.5
+
+
+def test_digits_retrieval_metrics_match_brute_force_with_negative_cosines():
+    from lightning_select.models import retrieval_metrics
+
+    torch.manual_seed(0)
+    emb, labels = torch.randn(40, 3), torch.randint(0, 4, (40,))  # many negative cosines
+    ours = retrieval_metrics(emb, labels)
+    e = torch.nn.functional.normalize(emb, dim=-1)
+    p1, aps = [], []
+    for i in range(40):
+        others = [j for j in range(40) if j != i]
+        order = sorted(others, key=lambda j: -float(e[i] @ e[j]))
+        rel = [bool(labels[j] == labels[i]) for j in order]
+        if not any(rel):
+            continue
+        p1.append(float(rel[0]))
+        hits, precisions = 0, []
+        for rank, r in enumerate(rel, 1):
+            if r:
+                hits += 1
+                precisions.append(hits / rank)
+        aps.append(sum(precisions) / len(precisions))
+    assert abs(float(ours["precision@1"]) - sum(p1) / len(p1)) < 1e-6
+    assert abs(float(ours["map"]) - sum(aps) / len(aps)) < 1e-6
