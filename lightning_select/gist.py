@@ -480,7 +480,8 @@ class GuidedNegatives(SelectionPolicy):
         self.cache: Optional[GuideEmbeddingCache] = None
         self._flagged: list[dict[str, Tensor]] = []
         self._flagged_count = 0
-        self.last_stats: dict[str, float] = {}
+        #: The flagged-candidate masks of the last training step, per block (target entries excluded).
+        self.last_masks: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ lifecycle
     @override
@@ -668,6 +669,7 @@ class GuidedNegatives(SelectionPolicy):
         rows = torch.arange(logits.target.shape[0], device=logits.target.device)
         per_row = torch.zeros(rows.numel(), device=rows.device)
         fractions = logits.masked_fraction()
+        masks: dict[str, Tensor] = {}
         for block in logits.blocks:
             if block.mask is None:
                 continue
@@ -675,6 +677,7 @@ class GuidedNegatives(SelectionPolicy):
             if block.name == "ap":
                 mask = mask.clone()
                 mask[rows, logits.target] = False
+            masks[block.name] = mask
             per_row += mask.sum(1)
             if self.flagged_pairs_path and torch.is_grad_enabled() and self._flagged_count < self.max_flagged_pairs:
                 i, j = mask.nonzero(as_tuple=True)
@@ -692,6 +695,7 @@ class GuidedNegatives(SelectionPolicy):
                 self._flagged_count += i.numel()
         if torch.is_grad_enabled():
             ctx.sample_stats["false_negatives"] = per_row
+            self.last_masks = masks
         for name, value in fractions.items():
             ctx.log(f"gist/masked_fraction_{name}", value)
         ctx.log("gist/masked_per_row", per_row.mean())
