@@ -27,16 +27,7 @@ from lightning_select import GuidedNegatives, SelectionEngine
 from lightning_select.data import DigitsLDAGuide, DigitsPairsDataModule
 from lightning_select.models import DigitsEmbeddingModule
 
-
-class OneHotGuide(torch.nn.Module):
-    """Reads the sample-index column: sample i ↦ e_i, so every cosine is 0 except a sample with itself."""
-
-    def __init__(self, num_samples: int) -> None:
-        super().__init__()
-        self.num_samples = num_samples
-
-    def forward(self, index: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.one_hot(index.long(), self.num_samples).float()
+from common import OneHotGuide  # noqa: E402
 
 
 def run(arm: str, seed: int, epochs: int, batch_size: int, margin: float) -> dict[str, float]:

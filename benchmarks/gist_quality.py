@@ -43,19 +43,10 @@ from lightning_select.data import QuoraDuplicatesDataModule, SickDataModule, loa
 from lightning_select.evaluation import sts_spearman  # noqa: E402
 from lightning_select.models import TextEmbeddingModule  # noqa: E402
 
+from common import OneHotGuide  # noqa: E402
+
 ARMS = ["mnrl", "nodup", "gist_live", "gist_cache", "gist_blocks_only", "gist_filter_only", "gist_tau0.01",
         "mnrl_bs256", "gist_bs256"]
-
-
-class OneHotGuide(torch.nn.Module):
-    """Sample i ↦ e_i (reads the index column): flags nothing but self-similarities."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.n = n
-
-    def forward(self, index: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.one_hot(index.long(), self.n).float()
 
 
 class FalseNegativeAudit(pl.Callback):

@@ -34,17 +34,7 @@ from lightning_select.data import SickDataModule  # noqa: E402
 from lightning_select.gist import minilm_guide_path  # noqa: E402
 from lightning_select.models import HFTransformerEncoder, TextEmbeddingModule  # noqa: E402
 
-
-class StepTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self._t0)
+from common import StepTimer  # noqa: E402
 
 
 def batches(data_dir: str, batch_size: int, steps: int) -> list[dict]:

@@ -26,17 +26,7 @@ from lightning_select import LossHistory, SampleLossStore, SelectionEngine
 from lightning_select.data import DigitsPairsDataModule
 from lightning_select.models import DigitsEmbeddingModule
 
-
-class StepTimer(pl.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t0 = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self._t0)
+from common import StepTimer  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def run_arm(arm: str, epochs: int, batch_size: int, hidden: int) -> tuple[list[float], float]:
