@@ -283,6 +283,7 @@ class GuideEmbeddingCache:
         self.fingerprint = fingerprint
         self.values: Optional[Tensor] = None
         self.filled = torch.zeros(num_samples, num_columns, dtype=torch.bool)
+        self._memmaps: list[Any] = []  # numpy memmaps behind `values`/`filled` (disk mode)
         self.hits = self.misses = 0
         if self.directory is not None:
             self._open_existing()
@@ -308,8 +309,9 @@ class GuideEmbeddingCache:
             warnings.warn(f"Discarding the guide-embedding cache in {self.directory}: {reason}.", RuntimeWarning)
             meta_path.unlink()
             return
-        self.values = torch.from_numpy(np.load(self.directory / "values.npy", mmap_mode="r+"))
-        self.filled = torch.from_numpy(np.load(self.directory / "filled.npy", mmap_mode="r+"))
+        self._memmaps = [np.load(self.directory / "values.npy", mmap_mode="r+"),
+                         np.load(self.directory / "filled.npy", mmap_mode="r+")]
+        self.values, self.filled = (torch.from_numpy(m) for m in self._memmaps)
 
     def _allocate(self, dim: int) -> None:
         shape = (self.num_samples, self.num_columns, dim)
@@ -324,6 +326,7 @@ class GuideEmbeddingCache:
         filled = np.lib.format.open_memmap(self.directory / "filled.npy", mode="w+", dtype=np.bool_,
                                            shape=(self.num_samples, self.num_columns))
         (self.directory / "meta.json").write_text(json.dumps(self._meta(dim)))
+        self._memmaps = [values, filled]
         self.values, self.filled = torch.from_numpy(values), torch.from_numpy(filled)
 
     def store(self, column: int, indices: Tensor, embeddings: Tensor) -> None:
@@ -361,12 +364,8 @@ class GuideEmbeddingCache:
 
     def flush(self) -> None:
         """Write memory-mapped pages to disk (no-op in memory)."""
-        for t in (self.values, self.filled):
-            base = getattr(t, "numpy", None)
-            if self.directory is not None and base is not None:
-                arr = t.numpy()
-                if hasattr(arr, "flush"):
-                    arr.flush()
+        for memmap in self._memmaps:
+            memmap.flush()
 
 
 # ----------------------------------------------------------------------------------------------- callback
@@ -668,7 +667,6 @@ class GuidedNegatives(SelectionPolicy):
                 candidate_indices: Tensor) -> None:
         rows = torch.arange(logits.target.shape[0], device=logits.target.device)
         per_row = torch.zeros(rows.numel(), device=rows.device)
-        fractions = logits.masked_fraction()
         masks: dict[str, Tensor] = {}
         for block in logits.blocks:
             if block.mask is None:
@@ -696,7 +694,9 @@ class GuidedNegatives(SelectionPolicy):
         if torch.is_grad_enabled():
             ctx.sample_stats["false_negatives"] = per_row
             self.last_masks = masks
-        for name, value in fractions.items():
+        if not ctx.should_log:
+            return
+        for name, value in logits.masked_fraction().items():
             ctx.log(f"gist/masked_fraction_{name}", value)
         ctx.log("gist/masked_per_row", per_row.mean())
         ctx.log("gist/threshold_mean", scores["threshold"].mean())
