@@ -9,7 +9,8 @@ Part B, "warm cache" with the tiny static student: plain MNRL against GuidedNega
 precomputed (warm) guide cache, both in a Lightning Trainer.
 
 Step time = wall time per optimizer step (forward, guide, loss, backward, optimizer), median
-over the measured steps after warm-up; arms are interleaved over rounds.
+over the measured steps after warm-up; arms are interleaved over rounds (part B: one unrecorded
+warm-up round, then 2×rounds measured rounds in alternating order, 120 steps each).
 
     python benchmarks/gist_speed.py     # writes benchmarks/results/gist_speed.json
 """
@@ -82,27 +83,31 @@ class ListData(pl.LightningDataModule):
         return self.data
 
 
-def ours_arm(kind: str, data: list[dict], temperature: float, warmup: int, student: str,
-             data_dir: str) -> list[float]:
+def ours_arm(kind: str, temperature: float, warmup: int, data_dir: str, data: list[dict] | None = None,
+             steps: int = 0, batch_size: int = 64) -> list[float]:
+    """lightning_select in a Trainer. With ``data`` (live-guide part): MiniLM student on those exact
+    batches. Without: the tiny static student on SICK batches from the datamodule."""
     torch.manual_seed(0)
-    if student == "minilm":
+    if data is not None:
         model = TextEmbeddingModule(encoder=HFTransformerEncoder(minilm_guide_path(), local_files_only=True),
                                     temperature=temperature, lr=2e-5)
+        steps = len(data)
     else:
         model = TextEmbeddingModule(student_path=os.path.join(data_dir, "models", "minilm-l6-m2v-128d"),
                                     temperature=temperature)
     timer = StepTimer()
     callbacks: list[pl.Callback] = [SelectionEngine(), timer]
-    if kind.startswith("ours_gist"):
-        cached = kind == "ours_gist_warm_cache"
-        callbacks.append(GuidedNegatives(load_guide("minilm"), "anchor", "positive",
-                                         cache="memory" if cached else None, precompute=cached))
-    trainer = pl.Trainer(accelerator="cpu", max_steps=len(data), logger=False, enable_checkpointing=False,
+    if kind == "ours_gist_live":
+        callbacks.append(GuidedNegatives(load_guide("minilm"), "anchor", "positive", cache=None))
+    elif kind == "ours_gist_warm_cache":
+        callbacks.append(GuidedNegatives(load_guide("minilm"), "anchor", "positive", cache="memory", precompute=True))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                          limit_val_batches=0)
-    dm = SickDataModule(data_dir=data_dir, batch_size=len(data[0]["anchor"]), seed=0)
-    trainer.fit(model, dm if kind == "ours_gist_warm_cache" or student != "minilm" else None,
-                train_dataloaders=None if kind == "ours_gist_warm_cache" or student != "minilm" else data)
+    if data is not None:
+        trainer.fit(model, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    else:
+        trainer.fit(model, datamodule=SickDataModule(data_dir=data_dir, batch_size=batch_size, seed=0))
     return timer.times[warmup:]
 
 
@@ -119,7 +124,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--static-batch-size", type=int, default=64)
-    parser.add_argument("--static-steps", type=int, default=60)
+    parser.add_argument("--static-steps", type=int, default=120)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gist_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -131,19 +136,20 @@ def main() -> None:
             if kind.startswith("st_"):
                 live[kind] += st_arm(kind, data, args.temperature, args.warmup)
             else:
-                live[kind] += ours_arm(kind, data, args.temperature, args.warmup, "minilm", args.data_dir)
+                live[kind] += ours_arm(kind, args.temperature, args.warmup, args.data_dir, data=data)
             print(f"round {r + 1} {kind}: median {1e3 * statistics.median(live[kind]):.1f} ms", flush=True)
 
+    # Part B: small steps are sensitive to process warm-up, so one unrecorded warm-up round per arm
+    # comes first and the measured rounds alternate the arms' order.
     warm: dict[str, list[float]] = {"ours_mnrl_static": [], "ours_gist_warm_cache": []}
-    for r in range(args.rounds):
-        for kind in warm:
-            dm = SickDataModule(data_dir=args.data_dir, batch_size=args.static_batch_size, seed=0)
-            dm.setup("fit")
-            steps = min(args.static_steps, len(dm.train_dataloader()))
-            dummy = [{"anchor": ["x"] * args.static_batch_size}] * steps
-            warm[kind] += ours_arm(kind if kind != "ours_mnrl_static" else "ours_mnrl", dummy, args.temperature,
-                                   args.warmup, "static", args.data_dir)
-            print(f"round {r + 1} {kind}: median {1e3 * statistics.median(warm[kind]):.2f} ms", flush=True)
+    for r in range(args.rounds * 2 + 1):
+        for kind in (list(warm) if r % 2 == 0 else list(warm)[::-1]):
+            times = ours_arm(kind, args.temperature, args.warmup, args.data_dir, steps=args.static_steps,
+                             batch_size=args.static_batch_size)
+            if r > 0:
+                warm[kind] += times
+            print(f"round {r} {kind}: median {1e3 * statistics.median(times):.2f} ms" + (" (warm-up)" if r == 0 else ""),
+                  flush=True)
 
     ms = {**summarise(live), **summarise(warm)}
     result = {
