@@ -64,14 +64,16 @@ class FirstBatch(pl.Callback):
             self.batch = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def gist_gather_scenario():
-    """GIST with cross-device candidates: DDP gradients vs a single-process full batch (checked in the test)."""
+def gist_gather_scenario(mini_batch_size=None):
+    """GIST with cross-device candidates: DDP gradients vs a single-process full batch (checked in the test).
+
+    With ``mini_batch_size`` the gradient-cached mode runs under DDP: same gradients expected."""
     pl.seed_everything(0)
     model = DigitsEmbeddingModule()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     grads, first, history = GradCapture(), FirstBatch(), LossHistory()
     gist = GuidedNegatives(DigitsLDAGuide.fit(seed=0), "image", "image", margin=0.3, contrast_anchors=False,
-                           gather_across_devices=True)
+                           gather_across_devices=True, mini_batch_size=mini_batch_size)
     trainer([SelectionEngine(), gist, history, grads, first], max_steps=2).fit(model, DigitsPairsDataModule(batch_size=32))
     return {"initial": initial, "grads": grads.grads[0], "batch": first.batch,
             "fn": history.store.stats["false_negatives"].clone()}
@@ -119,6 +121,7 @@ def main():
         "resumed_params": [p.detach().clone() for p in res_model.parameters()],
     }
     results["gist_gather"] = gist_gather_scenario()
+    results["gist_gather_chunked"] = gist_gather_scenario(mini_batch_size=10)
     results["gist_uneven"] = gist_uneven_scenario()  # last: it ends a fit with an exception
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(results, OUT / f"rank{rank}.pt")

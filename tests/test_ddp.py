@@ -89,13 +89,14 @@ def test_ddp_resume_equals_uninterrupted_run(ranks):
     _assert_tensors_equal(ranks[0]["resume"]["resumed"], ranks[1]["resume"]["resumed"])
 
 
-def test_gist_gather_across_devices_equals_full_batch_gradient(ranks):
+@pytest.mark.parametrize("scenario", ["gist_gather", "gist_gather_chunked"])
+def test_gist_gather_across_devices_equals_full_batch_gradient(ranks, scenario):
     from lightning_select import gist_loss
     from lightning_select.data import DigitsLDAGuide
     from lightning_select.data.digits import augment_digits
     from lightning_select.models import DigitsEmbeddingModule
 
-    res = [ranks[r]["gist_gather"] for r in range(2)]
+    res = [ranks[r][scenario] for r in range(2)]
     model = DigitsEmbeddingModule()
     model.load_state_dict(res[0]["initial"])
     batch = {k: torch.cat([res[0]["batch"][k], res[1]["batch"][k]]) for k in ("image", "index")}
@@ -116,3 +117,17 @@ def test_gist_gather_across_devices_equals_full_batch_gradient(ranks):
 def test_gist_gather_rejects_uneven_batches_on_every_rank(ranks):
     for r in range(2):
         assert "same number of rows on every rank" in ranks[r]["gist_uneven"], ranks[r]["gist_uneven"]
+
+
+def test_engine_runs_under_stock_ddp_spawn(tmp_path):
+    """The callback path also installs itself in ddp_spawn workers (the module is pickled to them)."""
+    import lightning.pytorch as pl
+    from helpers import KeepWhere, PerSampleRegressor, regression_loader
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, log_every_n_steps=1,
+                         logger=CSVLogger(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, callbacks=[KeepWhere(2, (0,))])
+    trainer.fit(PerSampleRegressor(), regression_loader(n=64, batch_size=8))
+    assert "select/kept_fraction" in trainer.callback_metrics  # logged by the engine inside the workers
+    assert 0.0 < float(trainer.callback_metrics["select/kept_fraction"]) < 1.0
