@@ -479,7 +479,7 @@ class GuidedNegatives(SelectionPolicy):
         self.cache: Optional[GuideEmbeddingCache] = None
         self._flagged: list[dict[str, Tensor]] = []
         self._flagged_count = 0
-        #: The flagged-candidate masks of the last training step, per block (target entries excluded).
+        #: The flagged-candidate masks of the last training step, per block (own positive and self-pairs excluded).
         self.last_masks: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -672,9 +672,12 @@ class GuidedNegatives(SelectionPolicy):
             if block.mask is None:
                 continue
             mask = block.mask
-            if block.name == "ap":
+            # Not false negatives: the row's own positive (AP, never masked), and the self-pairs of AA
+            # (a_i with a_i) and PP (p_i with p_i), which the rule masks whenever t_i < 1.
+            own = {"ap": logits.target, "aa": rows, "pp": logits.target}.get(block.name)
+            if own is not None:
                 mask = mask.clone()
-                mask[rows, logits.target] = False
+                mask[rows, own] = False
             masks[block.name] = mask
             per_row += mask.sum(1)
             if self.flagged_pairs_path and torch.is_grad_enabled() and self._flagged_count < self.max_flagged_pairs:

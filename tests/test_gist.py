@@ -281,6 +281,7 @@ def test_history_gets_false_negative_counts_and_pairs_export(tmp_path, trainer_k
     assert len(pairs) > 0 and (pairs["guide_score"] > pairs["threshold"]).all()
     assert set(pairs["block"]) <= {"ap", "aa", "pp"}
     assert int(fn.sum()) == len(pairs)  # every flagged pair was counted once for its anchor
+    assert (pairs["anchor_index"] != pairs["candidate_index"]).all()  # self-pairs are not false negatives
     labels = DigitsPairsDataModule()
     labels.setup()
     y = labels.train_set.dataset.labels
