@@ -462,6 +462,8 @@ class GuidedNegatives(SelectionPolicy):
         if not callable(self.guide):
             raise TypeError(f"Expected the guide to be an nn.Module, a callable or a model id, but got {guide!r}.")
         self.columns = [anchor_column, positive_column, *negative_columns]
+        #: Distinct batch keys; roles that read the same key (e.g. "image" for both) share one guide pass.
+        self.input_columns = list(dict.fromkeys(self.columns))
         self.margin_strategy: MarginStrategy = margin_strategy
         self.margin = float(margin)
         self.temperature = temperature
@@ -514,7 +516,7 @@ class GuidedNegatives(SelectionPolicy):
         directory = None
         if self.cache_mode == "disk":
             directory = Path(self.cache_dir) / (f"rank{trainer.global_rank}" if trainer.world_size > 1 else "")
-        self.cache = GuideEmbeddingCache(n, len(self.columns), self.cache_dtype, directory, fp)
+        self.cache = GuideEmbeddingCache(n, len(self.input_columns), self.cache_dtype, directory, fp)
         if self.precompute:
             self.fill_cache(dataset, trainer, pl_module)
 
@@ -545,7 +547,7 @@ class GuidedNegatives(SelectionPolicy):
             b = len(batch[self.columns[0]])
             idx = todo[start:start + b]
             start += b
-            for c, column in enumerate(self.columns):
+            for c, column in enumerate(self.input_columns):
                 self.cache.store(c, idx, self._run_guide(batch[column], b, column, pl_module.device))
         self.cache.flush()
 
@@ -585,19 +587,20 @@ class GuidedNegatives(SelectionPolicy):
             )
         b = ctx.rows.numel()
         device = ctx.module.device
-        out = []
-        for c, column in enumerate(self.columns):
+        embedded: dict[str, Tensor] = {}
+        for c, column in enumerate(self.input_columns):
             inputs = batch[column]
             size = inputs.shape[0] if isinstance(inputs, Tensor) else len(inputs)
             if size != b:
                 raise SelectionError(f"Column {column!r} holds {size} rows but the batch has {b}.")
             if self.cache is None:
-                out.append(self._run_guide(inputs, b, column, device))
+                embedded[column] = self._run_guide(inputs, b, column, device)
                 continue
             compute = lambda rows, inputs=inputs, column=column: self._run_guide(  # noqa: E731
                 select_batch(inputs, rows.cpu() if not isinstance(inputs, Tensor) else rows, b), rows.numel(),
                 column, device)
-            out.append(self.cache.get_or_compute(c, ctx.kept_indices, compute).to(device))
+            embedded[column] = self.cache.get_or_compute(c, ctx.kept_indices, compute).to(device)
+        out = [embedded[column] for column in self.columns]
         dims = {t.shape[1] for t in out}
         if len(dims) > 1:
             raise SelectionError(

@@ -233,7 +233,7 @@ def test_cache_skips_the_guide_after_the_first_epoch(trainer_kwargs, digits_guid
     gist = GuidedNegatives(guide, anchor_column="image", positive_column="image", margin=0.3)
     _fit([gist], trainer_kwargs, epochs=1)
     calls_epoch1 = guide.calls
-    assert guide.rows == 2 * 1437 and gist.cache.filled.all()
+    assert guide.rows == 1437 and gist.cache.filled.all()  # both roles read `image`: one guide pass each
     dm = DigitsPairsDataModule()
     dm.setup()
     images = dm.train_set.dataset.images[:5]  # sample index i is training-set position i
@@ -250,7 +250,7 @@ def test_precompute_and_disk_cache_with_fingerprint(tmp_path, trainer_kwargs, di
     _fit([gist], trainer_kwargs, max_steps=2)
     assert gist.cache.filled.all() and gist.cache.values.dtype == torch.float16
     rows_after_precompute = guide.rows
-    assert rows_after_precompute == 2 * 1437
+    assert rows_after_precompute == 1437
     # a second run with the same guide reopens the disk cache: no guide calls at all
     again = GuidedNegatives(guide, anchor_column="image", positive_column="image", margin=0.3, cache="disk",
                             cache_dir=str(tmp_path / "cache"), precompute=True)
@@ -362,7 +362,7 @@ class BadGuide(torch.nn.Module):
     ],
 )
 def test_bad_guides_raise_clear_errors(trainer_kwargs, mode, match):
-    gist = GuidedNegatives(BadGuide(mode), anchor_column="image", positive_column="image", cache=None)
+    gist = GuidedNegatives(BadGuide(mode), anchor_column="view1", positive_column="view2", cache=None)
     with pytest.raises(SelectionError, match=match):
         _fit([gist], trainer_kwargs, max_steps=1)
 
