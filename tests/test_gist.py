@@ -461,3 +461,17 @@ def test_gradient_cached_mode_with_dropout_and_accumulation(trainer_kwargs):
         results.append(grads.grads[0])
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_plots_of_history_and_flagged_pairs(tmp_path, trainer_kwargs, digits_guide):
+    from PIL import Image
+
+    from lightning_select.plots import plot_flagged_pairs, plot_loss_history
+
+    history = LossHistory(trace_epochs=2)
+    gist = GuidedNegatives(digits_guide, "image", "image", margin=0.6, flagged_pairs_path=str(tmp_path / "p.npz"))
+    _fit([gist, history], trainer_kwargs, epochs=2)
+    for path in (plot_loss_history(history.store, tmp_path / "h.png"),
+                 plot_flagged_pairs(gist.flagged_pairs(), tmp_path / "f.png")):
+        with Image.open(path) as image:
+            assert image.size[0] > 300 and image.size[1] > 200
