@@ -90,6 +90,31 @@ def gist_uneven_scenario():
     return "no error"
 
 
+class BatchKeys(pl.Callback):
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append((batch["index"].tolist(), batch["anchor_cluster"].tolist(),
+                             batch["positive_cluster"].tolist()))
+
+
+def no_duplicates_scenario():
+    """The duplicate-free sampler shards its global batches across ranks (SICK, static student)."""
+    data = Path(os.environ.get("LIGHTNING_SELECT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not (data / "text_pairs" / "sick2014" / "SICK_train.txt").exists():
+        return {"missing": str(data)}
+    from lightning_select.data import SickDataModule
+    from lightning_select.models import TextEmbeddingModule
+
+    pl.seed_everything(0)
+    keys = BatchKeys()
+    dm = SickDataModule(data_dir=str(data), batch_size=32, no_duplicates=True)
+    trainer([SelectionEngine(), LossHistory(), keys], max_epochs=1, use_distributed_sampler=False).fit(
+        TextEmbeddingModule(student_path=str(data / "models" / "minilm-l6-m2v-128d")), dm)
+    return {"batches": keys.batches, "num_samples": len(dm.train_set)}
+
+
 def main():
     global OUT
     OUT = Path(sys.argv[1])
@@ -122,6 +147,7 @@ def main():
     }
     results["gist_gather"] = gist_gather_scenario()
     results["gist_gather_chunked"] = gist_gather_scenario(mini_batch_size=10)
+    results["no_duplicates"] = no_duplicates_scenario()
     results["gist_uneven"] = gist_uneven_scenario()  # last: it ends a fit with an exception
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(results, OUT / f"rank{rank}.pt")

@@ -245,9 +245,13 @@ def test_quora_no_duplicates_batches_hold_distinct_clusters(quora):
             assert len(set(clusters)) == len(clusters)
             seen += batch["index"].tolist()
         assert sorted(seen) == list(range(3000))
-        quora.trainer = SimpleNamespace(world_size=2)
-        with pytest.raises(ValueError, match="single process"):
+        connector = SimpleNamespace(use_distributed_sampler=True)
+        quora.trainer = SimpleNamespace(world_size=2, global_rank=1, _accelerator_connector=connector)
+        with pytest.raises(ValueError, match="use_distributed_sampler=False"):
             quora.train_dataloader()
+        connector.use_distributed_sampler = False
+        shard = quora.train_dataloader().batch_sampler
+        assert (shard.num_replicas, shard.rank) == (2, 1) and abs(len(shard) - len(loader) / 2) <= 1
         quora.no_duplicates = False
         assert not isinstance(quora.train_dataloader().sampler, EpochSeededSampler)  # Lightning shards it
     finally:
@@ -391,3 +395,21 @@ def test_text_module_validates_with_labels_when_the_datamodule_has_no_relevance(
     loader = DataLoader([{"text": t, "label": y} for t, y in zip(texts, labels)], batch_size=2)
     metrics = pl.Trainer(**trainer_kwargs).validate(model, loader, verbose=False)[0]
     assert metrics["heldout/mrr@10"] == pytest.approx(1.0) and metrics["heldout/recall@1"] == pytest.approx(1.0)
+
+
+def test_no_duplicates_sampler_shards_across_ranks():
+    keys = [(i % 7, 100 + i % 5) for i in range(61)]
+    single = list(NoDuplicatesBatchSampler(keys, batch_size=4, seed=3))
+    shards = [NoDuplicatesBatchSampler(keys, batch_size=4, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    for shard in shards:
+        shard.set_epoch(0)
+    per_rank = [list(s) for s in shards]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(shards[0])  # equal step counts on every rank
+    interleaved = [b for pair in zip(*per_rank) for b in pair]
+    assert interleaved[: len(single)] == single  # the same global batches, dealt out in turn
+    assert sorted(i for b in single for i in b) == list(range(61))
+    for batch in interleaved:
+        used = [k for i in batch for k in keys[i]]
+        assert len(used) == len(set(used))
+    with pytest.raises(ValueError, match="rank"):
+        NoDuplicatesBatchSampler(keys, batch_size=4, num_replicas=2, rank=2)

@@ -159,13 +159,18 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
     ``len()`` is exactly the number of batches that the next iteration yields. Lightning calls
     :meth:`set_epoch` at the start of every epoch.
 
-    Single-process only: it does not shard batches across DDP ranks.
+    Under DDP every rank builds the same global list of batches (same seed and epoch) and takes every
+    ``num_replicas``-th one, starting at ``rank``; the list is padded with its first batches so that
+    every rank gets the same number. Lightning cannot inject a DistributedSampler into a custom batch
+    sampler, so run such trainers with ``Trainer(use_distributed_sampler=False)``.
 
     Args:
         keys: per sample, the keys it must not share with any other sample of its batch.
         batch_size: maximum batch size.
         seed: seed of the per-epoch permutation.
         drop_last: drop batches smaller than ``batch_size``.
+        num_replicas: number of DDP ranks sharing the epoch.
+        rank: this process's rank.
 
     Example::
 
@@ -176,10 +181,19 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, keys: Sequence[Sequence[Hashable]], batch_size: int, seed: int = 0, drop_last: bool = False
+        self,
+        keys: Sequence[Sequence[Hashable]],
+        batch_size: int,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}.")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"Expected 0 <= rank < num_replicas, but got rank={rank}, num_replicas={num_replicas}.")
+        self.num_replicas, self.rank = num_replicas, rank
         self.keys = [frozenset(k) for k in keys]
         self.batch_size = batch_size
         self.seed = seed
@@ -211,6 +225,9 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
                 del remaining[i]
             if len(batch) == self.batch_size or not self.drop_last:
                 batches.append(batch)
+        if self.num_replicas > 1 and batches:
+            padded = batches + batches[: (-len(batches)) % self.num_replicas]
+            batches = padded[self.rank :: self.num_replicas]
         self._cache = (self.epoch, batches)
         return batches
 
@@ -282,13 +299,18 @@ class _TextPairsDataModule(pl.LightningDataModule):
         assert self.train_set is not None and self.train_keys is not None
         distributed = self.trainer is not None and self.trainer.world_size > 1
         if self.no_duplicates:
+            world, rank = 1, 0
             if distributed:
-                raise ValueError(
-                    f"Expected a single process for `no_duplicates=True`, but the trainer runs "
-                    f"{self.trainer.world_size} processes: NoDuplicatesBatchSampler does not shard batches "
-                    "across ranks. Set `no_duplicates=False` under DDP or train on one device."
-                )
-            sampler = NoDuplicatesBatchSampler(self.train_keys.tolist(), self.batch_size, seed=self.seed)
+                assert self.trainer is not None
+                if getattr(self.trainer._accelerator_connector, "use_distributed_sampler", True):
+                    raise ValueError(
+                        "`no_duplicates=True` under DDP shards batches itself, and Lightning cannot inject a "
+                        "DistributedSampler into a custom batch sampler: create the Trainer with "
+                        "`use_distributed_sampler=False`."
+                    )
+                world, rank = self.trainer.world_size, self.trainer.global_rank
+            sampler = NoDuplicatesBatchSampler(self.train_keys.tolist(), self.batch_size, seed=self.seed,
+                                               num_replicas=world, rank=rank)
             return DataLoader(self.train_set, batch_sampler=sampler)
         # Under DDP, Lightning swaps in a DistributedSampler (seeded, set_epoch'ed) for shuffle=True.
         return DataLoader(
