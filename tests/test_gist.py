@@ -3,6 +3,7 @@ GISTEmbedLoss, end-to-end Trainer runs, the guide cache and bad input."""
 
 import itertools
 import math
+import zlib
 
 import lightning.pytorch as pl
 import pytest
@@ -141,7 +142,7 @@ GRID = list(itertools.product(["absolute", "relative"], [0.0, 0.1, -0.05], [True
 
 @pytest.mark.parametrize("strategy,margin,anchors,positives,k", GRID)
 def test_matches_sentence_transformers_gist(reference_loss_factory, strategy, margin, anchors, positives, k):
-    g = torch.Generator().manual_seed(hash((strategy, margin, anchors, positives, k)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((strategy, margin, anchors, positives, k)).encode()))
     b, d, gd = 9, 6, 5
     base = torch.randn(b, d, generator=g)
     base[3] = base[1]  # an exact duplicate and a near duplicate: masks fire
