@@ -159,3 +159,15 @@ class GradCapture(pl.Callback):
 
 def mse(pred: Tensor, y: Tensor) -> Tensor:
     return F.mse_loss(pred, y, reduction="none")
+
+
+class CloseProcessGroup(pl.Callback):
+    """Closes the process group at teardown. Spawned gloo workers can otherwise abort at interpreter
+    exit ("terminate called without an active exception") while gloo threads are still alive."""
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
