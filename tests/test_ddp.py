@@ -131,3 +131,19 @@ def test_engine_runs_under_stock_ddp_spawn(tmp_path):
     trainer.fit(PerSampleRegressor(), regression_loader(n=64, batch_size=8))
     assert "select/kept_fraction" in trainer.callback_metrics  # logged by the engine inside the workers
     assert 0.0 < float(trainer.callback_metrics["select/kept_fraction"]) < 1.0
+
+
+def test_no_duplicates_sampler_under_ddp(ranks):
+    res = [ranks[r]["no_duplicates"] for r in range(2)]
+    if "missing" in res[0]:
+        if os.environ.get("CI"):
+            pytest.fail(f"shared data missing at {res[0]['missing']}")
+        pytest.skip("shared data missing")
+    assert len(res[0]["batches"]) == len(res[1]["batches"]) > 0  # same number of steps on both ranks
+    seen = set()
+    for r in range(2):
+        for index, anchor_keys, positive_keys in res[r]["batches"]:
+            per_sample = [{a, p} for a, p in zip(anchor_keys, positive_keys)]
+            assert sum(map(len, per_sample)) == len(set().union(*per_sample))  # no key shared within a batch
+            seen.update(index)
+    assert seen == set(range(res[0]["num_samples"]))  # every sample trained in the epoch, on some rank
