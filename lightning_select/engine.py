@@ -355,7 +355,7 @@ class SelectionEngine(Callback):
             self._drop_nonfinite(ctx, attempt)
             subset = True
         if grad_cache is not None:
-            loss = grad_cache.attach(loss, module, trainer)
+            loss = grad_cache.attach(loss, module)
 
         # 7. observers
         for p in policies:
@@ -502,7 +502,7 @@ class _GradCache:
         output = EmbeddingOutput(anchor, positive, negatives, outs[0].temperature)
         return cls(output, leaves, chunks, step_fn, batch, size, rest, kwargs, autocast)
 
-    def attach(self, loss: Tensor, module: torch.nn.Module, trainer: "pl.Trainer") -> Tensor:
+    def attach(self, loss: Tensor, module: torch.nn.Module) -> Tensor:
         """Cache d loss / d embeddings now; return a leaf whose backward re-embeds chunk by chunk."""
         embedding_grads = torch.autograd.grad(loss, self.leaves)
         params = [p for p in module.parameters() if p.requires_grad]

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from lightning_select.batch import select_batch
 from lightning_select.contrastive import ContrastiveLogits, EmbeddingOutput, LogitBlock, build_logits
 from lightning_select.engine import SelectionError, SelectionPolicy, StepContext, override
+from lightning_select.history import write_table
 
 MarginStrategy = Literal["absolute", "relative"]
 _STRATEGIES = ("absolute", "relative")
@@ -597,8 +598,7 @@ class GuidedNegatives(SelectionPolicy):
                 embedded[column] = self._run_guide(inputs, b, column, device)
                 continue
             compute = lambda rows, inputs=inputs, column=column: self._run_guide(  # noqa: E731
-                select_batch(inputs, rows.cpu() if not isinstance(inputs, Tensor) else rows, b), rows.numel(),
-                column, device)
+                select_batch(inputs, rows, b), rows.numel(), column, device)
             embedded[column] = self.cache.get_or_compute(c, ctx.kept_indices, compute).to(device)
         out = [embedded[column] for column in self.columns]
         dims = {t.shape[1] for t in out}
@@ -718,24 +718,13 @@ class GuidedNegatives(SelectionPolicy):
         return {k: torch.cat([f[k] for f in self._flagged]) for k in keys}
 
     def export_flagged_pairs(self, path: Union[str, Path]) -> Path:
-        """Write :meth:`flagged_pairs` to ``.parquet``, ``.csv`` or ``.npz``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write :meth:`flagged_pairs` to ``.parquet``, ``.csv`` or ``.npz`` (``block`` as its name)."""
+        import numpy as np
+
         cols = {k: v.numpy() for k, v in self.flagged_pairs().items()}
-        names = ["ap", "aa", "pp"] + [f"an{k}" for k in range(len(self.columns) - 2)]
-        if path.suffix == ".npz":
-            import numpy as np
-
-            np.savez(path, block_names=np.array(names), **cols)
-        elif path.suffix in (".csv", ".parquet"):
-            import pandas as pd
-
-            frame = pd.DataFrame(cols)
-            frame["block"] = [names[b] for b in frame["block"].astype(int)]
-            frame.to_csv(path, index=False) if path.suffix == ".csv" else frame.to_parquet(path, index=False)
-        else:
-            raise ValueError(f"Expected a path ending in .parquet, .csv or .npz, but got {path.name!r}.")
-        return path
+        names = np.array(["ap", "aa", "pp"] + [f"an{k}" for k in range(len(self.columns) - 2)])
+        cols["block"] = names[cols["block"].astype(int)]
+        return write_table(cols, path)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {

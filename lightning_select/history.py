@@ -51,6 +51,25 @@ _INT_FIELDS = ("count", "first_step", "last_step", "first_epoch", "last_epoch")
 _FIELDS = _FLOAT_FIELDS + _INT_FIELDS
 
 
+def write_table(columns: dict[str, Any], path: Union[str, Path]) -> Path:
+    """Write equal-length 1-d columns to ``.parquet`` (pandas + pyarrow), ``.csv`` or ``.npz``."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".npz", ".csv", ".parquet"):
+        raise ValueError(f"Expected an export path ending in .parquet, .csv or .npz, but got {path.name!r}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".npz":
+        import numpy as np
+
+        np.savez(path, **columns)
+        return path
+    import pandas as pd
+
+    frame = pd.DataFrame(columns)
+    frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path, index=False)
+    return path
+
+
 def _as_cpu(t: Tensor, dtype: torch.dtype) -> Tensor:
     t = t.detach()
     return t if (t.dtype == dtype and t.device.type == "cpu") else t.to("cpu", dtype)
@@ -206,25 +225,7 @@ class SampleLossStore:
 
     def export(self, path: Union[str, Path]) -> Path:
         """Write the table to ``.parquet`` (pandas + pyarrow), ``.csv`` or ``.npz``; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cols = self.to_columns()
-        suffix = path.suffix.lower()
-        if suffix == ".npz":
-            import numpy as np
-
-            np.savez(path, **cols)
-        elif suffix in (".csv", ".parquet"):
-            import pandas as pd
-
-            frame = pd.DataFrame(cols)
-            if suffix == ".csv":
-                frame.to_csv(path, index=False)
-            else:
-                frame.to_parquet(path, index=False)
-        else:
-            raise ValueError(f"Expected an export path ending in .parquet, .csv or .npz, but got {path.name!r}.")
-        return path
+        return write_table(self.to_columns(), path)
 
     # --------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

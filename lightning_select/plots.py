@@ -32,6 +32,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Union[str, Path]) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_loss_history(store: SampleLossStore, path: Union[str, Path]) -> Path:
     """Two panels: the per-epoch loss distribution (median and 10–90% band, from the trace) and a
     histogram of every seen sample's EMA loss."""
@@ -51,12 +60,7 @@ def plot_loss_history(store: SampleLossStore, path: Union[str, Path]) -> Path:
     seen = store.count > 0
     right.hist(store.ema_loss[seen].numpy(), bins=50)
     right.set(xlabel="EMA loss", ylabel="samples", title=f"EMA loss of {int(seen.sum())} seen samples")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_flagged_pairs(pairs: dict[str, Tensor], path: Union[str, Path],
@@ -73,9 +77,4 @@ def plot_flagged_pairs(pairs: dict[str, Tensor], path: Union[str, Path],
             ax.hist(gap[sel].numpy(), bins=40, alpha=0.6, label=f"{name} ({int(sel.sum())})")
     ax.set(xlabel="guide score − θ_i", ylabel="flagged candidates", title="GIST: flagged in-batch candidates")
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
