@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 
 from lightning_select import GuidedNegatives, SelectionEngine
 from lightning_select.data import DigitsLDAGuide, DigitsPairsDataModule

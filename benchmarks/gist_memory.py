@@ -29,7 +29,7 @@ def child(args: argparse.Namespace) -> None:
 
     from lightning_select import GuidedNegatives, SelectionEngine, load_guide
     from lightning_select.data import SickDataModule
-    from lightning_select.gist import minilm_guide_path
+    from lightning_select.guides.encoders import minilm_guide_path
     from lightning_select.models import HFTransformerEncoder, TextEmbeddingModule
 
     torch.set_num_threads(2)

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from lightning_select import GuidedNegatives, SelectionEngine, load_guide  # noqa: E402
 from lightning_select.data import SickDataModule  # noqa: E402
-from lightning_select.gist import minilm_guide_path  # noqa: E402
+from lightning_select.guides.encoders import minilm_guide_path  # noqa: E402
 from lightning_select.models import HFTransformerEncoder, TextEmbeddingModule  # noqa: E402
 
 from common import StepTimer  # noqa: E402

@@ -1,26 +1,43 @@
 """lightning_select: per-step sample selection, weighting and negative filtering for PyTorch Lightning.
 
-Add policy callbacks to any ``Trainer``; the engine (:mod:`lightning_select.engine`) runs one
+Add policy callbacks to any ``Trainer``; the engine (:mod:`lightning_select.core.engine`) runs one
 pipeline per training step. Importing the package registers the ``*_select`` strategy names.
+
+Layout: :mod:`~lightning_select.rules` (pure tensor rules), :mod:`~lightning_select.core` (engine,
+context, policy base, strategies, batch plumbing), :mod:`~lightning_select.guides`,
+:mod:`~lightning_select.stats` (the per-sample table and ``LossHistory``),
+:mod:`~lightning_select.policies`, :mod:`~lightning_select.samplers`, and data, models, evaluation,
+plots and I/O.
 """
 
-from lightning_select.batch import IndexedDataset, batch_size_of, get_indices, select_batch
-from lightning_select.contrastive import ContrastiveLogits, EmbeddingOutput, build_logits, info_nce_per_row
-from lightning_select.engine import SelectionEngine, SelectionError, SelectionPolicy, StepContext
-from lightning_select.gist import (
-    GuideEmbeddingCache,
-    GuidedNegatives,
-    SentenceTransformerGuide,
-    TransformerGuide,
+from lightning_select.core import (
+    DDPSelectStrategy,
+    IndexedDataset,
+    SelectionEngine,
+    SelectionError,
+    SelectionPolicy,
+    SingleDeviceSelectStrategy,
+    StepContext,
+    batch_size_of,
+    get_indices,
+    register_strategies,
+    select_batch,
+)
+from lightning_select.guides import GuideEmbeddingCache, SentenceTransformerGuide, TransformerGuide, load_guide
+from lightning_select.policies import GuidedNegatives
+from lightning_select.rules import (
+    ContrastiveLogits,
+    EmbeddingOutput,
     apply_gist,
+    build_logits,
+    effective_sample_size,
     false_negative_mask,
     gist_loss,
     gist_thresholds,
-    load_guide,
+    info_nce_per_row,
+    weighted_global_mean,
 )
-from lightning_select.history import LossHistory, SampleLossStore
-from lightning_select.reduction import effective_sample_size, weighted_global_mean
-from lightning_select.strategies import DDPSelectStrategy, SingleDeviceSelectStrategy, register_strategies
+from lightning_select.stats import LossHistory, SampleLossStore, SampleTable
 
 register_strategies()
 
@@ -35,6 +52,7 @@ __all__ = [
     "IndexedDataset",
     "LossHistory",
     "SampleLossStore",
+    "SampleTable",
     "SelectionEngine",
     "SelectionError",
     "SelectionPolicy",

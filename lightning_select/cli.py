@@ -10,13 +10,12 @@ Example::
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lightning_select.engine import SelectionEngine, SelectionPolicy
+from lightning_select.core import SelectionEngine, SelectionPolicy
 
 log = logging.getLogger(__name__)
 

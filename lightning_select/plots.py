@@ -20,7 +20,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from lightning_select.history import SampleLossStore
+from lightning_select.stats.history import SampleLossStore
 
 
 def _pyplot():

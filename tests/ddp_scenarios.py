@@ -14,7 +14,6 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from helpers import (  # noqa: E402
     GradCapture,
-    KeepWhere,
     IndexWeights,
     KeepWhere,
     PerSampleRegressor,

@@ -25,7 +25,7 @@ from lightning_select import (
     info_nce_per_row,
 )
 from lightning_select.data import DigitsLDAGuide, DigitsPairsDataModule
-from lightning_select.gist import apply_gist
+from lightning_select.rules.gist import apply_gist
 from lightning_select.models import DigitsEmbeddingModule
 
 S3 = math.sqrt(3) / 2
@@ -117,7 +117,7 @@ def reference_loss_factory():
     st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
     from transformers import AutoTokenizer
 
-    from lightning_select.gist import minilm_guide_path
+    from lightning_select.guides.encoders import minilm_guide_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_guide_path(), local_files_only=True)
 
@@ -384,10 +384,10 @@ class _TensorOut(DigitsEmbeddingModule):
 
 
 def test_text_guide_refuses_token_ids():
-    from lightning_select.gist import _check_text
+    from lightning_select.guides.encoders import check_texts
 
     with pytest.raises(TypeError, match="never re-tokenizes student ids"):
-        _check_text(torch.tensor([[101, 2023]]), "TransformerGuide")
+        check_texts(torch.tensor([[101, 2023]]), "TransformerGuide")
 
 
 def test_guide_inside_the_module_is_rejected(trainer_kwargs, digits_guide):

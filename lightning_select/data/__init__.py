@@ -1,15 +1,12 @@
-"""Data modules: the embedded scikit-learn digits default (offline, shipped by scikit-learn) and text pairs."""
+"""Data modules: the embedded scikit-learn digits default (offline, shipped by scikit-learn) and text pairs.
 
-from lightning_select.data.digits import DigitsLDAGuide, DigitsPairsDataModule, EpochSeededSampler, hashed_uniform
-from lightning_select.data.text import (
-    NoDuplicatesBatchSampler,
-    QuoraDuplicatesDataModule,
-    SickDataModule,
-    load_sick,
-    load_stsb,
-    quora_clusters,
-    resolve_data_dir,
-)
+Samplers live in :mod:`lightning_select.samplers`; they are re-exported here for compatibility.
+"""
+
+from lightning_select.data.digits import DigitsLDAGuide, DigitsPairsDataModule, hashed_uniform
+from lightning_select.data.files import load_sick, load_stsb, resolve_data_dir
+from lightning_select.data.text import QuoraDuplicatesDataModule, SickDataModule
+from lightning_select.samplers import EpochSeededSampler, NoDuplicatesBatchSampler, quora_clusters
 
 __all__ = [
     "DigitsLDAGuide",

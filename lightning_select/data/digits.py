@@ -20,14 +20,15 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from lightning_select.batch import IndexedDataset
+from lightning_select.core.batch import IndexedDataset
+from lightning_select.samplers.epoch import shuffled_loader_kwargs
 
 _MASK64 = (1 << 63) - 1
 
@@ -70,27 +71,6 @@ class _DigitsTable(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {"image": self.images[i], "label": self.labels[i]}
-
-
-class EpochSeededSampler(Sampler[int]):
-    """Random permutation seeded by ``(seed, epoch)``; Lightning calls :meth:`set_epoch` every epoch.
-
-    Unlike ``RandomSampler`` it does not draw from the global RNG, so the data order after a resume
-    equals the uninterrupted run's.
-    """
-
-    def __init__(self, num_samples: int, seed: int = 0) -> None:
-        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=g).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
 
 
 class DigitsPairsDataModule(pl.LightningDataModule):
@@ -147,17 +127,9 @@ class DigitsPairsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
-        distributed = self.trainer is not None and self.trainer.world_size > 1
-        # Under DDP, Lightning swaps in a DistributedSampler (seeded, set_epoch'ed) for shuffle=True.
-        sampler = None if distributed else EpochSeededSampler(len(self.train_set), self.seed)
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=distributed,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            drop_last=False,
-        )
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=False,
+                          **shuffled_loader_kwargs(len(self.train_set), self.seed, world))
 
     def val_dataloader(self) -> DataLoader:
         assert self.heldout_set is not None

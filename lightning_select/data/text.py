@@ -10,232 +10,30 @@ Held-out data is a *retrieval view*: every held-out text is both a document and 
 ``relevance()`` says which other texts are relevant to it (see
 :func:`lightning_select.evaluation.retrieval_report`).
 
-The files are read from a data folder (``data_dir``, default ``../shared/data``; the environment
-variable ``LIGHTNING_SELECT_DATA`` overrides that default). Nothing is downloaded unless a
-Hugging Face dataset name is given explicitly.
-
-Example::
-
-    >>> quora_clusters([1, 2, 3, 5], [2, 3, 4, 6], [1, 1, 0, 1])
-    {1: 0, 2: 0, 3: 0, 4: 1, 5: 2, 6: 2}
-    >>> sampler = NoDuplicatesBatchSampler([(0, 0), (0, 0), (1, 1), (2, 2)], batch_size=2, seed=0)
-    >>> any({0, 1} <= set(b) for b in sampler), sorted(i for b in sampler for i in b)
-    (False, [0, 1, 2, 3])
+Files and their readers are in :mod:`lightning_select.data.files`; the duplicate-free sampler and
+the clustering helpers in :mod:`lightning_select.samplers`.
 """
 
 from __future__ import annotations
 
-import csv
-import os
-from collections.abc import Hashable, Iterator, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from lightning_select.batch import IndexedDataset
-from lightning_select.data.digits import EpochSeededSampler
+from lightning_select.core.batch import IndexedDataset
+from lightning_select.data.files import DEFAULT_DATA_DIR, QUORA_FILE, load_sick, quora_from_hf, read_quora_tsv, require_file
+from lightning_select.samplers.clustering import cluster_arrays
+from lightning_select.samplers.epoch import shuffled_loader_kwargs
+from lightning_select.samplers.no_duplicates import NoDuplicatesBatchSampler
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-DEFAULT_DATA_DIR = "../shared/data"
-DATA_ENV_VAR = "LIGHTNING_SELECT_DATA"
-QUORA_FILE = "text_pairs/quora/quora_duplicate_questions.tsv.gz"
-SICK_DIR = "text_pairs/sick2014"
-STSB_DIR = "text_pairs/stsbenchmark"
-_SICK_FILES = {"train": "SICK_train.txt", "trial": "SICK_trial.txt", "test": "SICK_test_annotated.txt"}
 _VAL_BATCH_SIZE = 512
-
-
-# ---------------------------------------------------------------------------------------------- paths
-def resolve_data_dir(data_dir: Union[str, os.PathLike, None] = DEFAULT_DATA_DIR) -> Path:
-    """The data folder to read from.
-
-    ``None`` or the default ``"../shared/data"`` is replaced by ``$LIGHTNING_SELECT_DATA`` when that
-    variable is set; any other value is used as given.
-
-    Example::
-
-        >>> str(resolve_data_dir("/tmp/my-data"))
-        '/tmp/my-data'
-    """
-    if data_dir is None or str(data_dir) == DEFAULT_DATA_DIR:
-        data_dir = os.environ.get(DATA_ENV_VAR) or DEFAULT_DATA_DIR
-    return Path(data_dir).expanduser()
-
-
-def _require_file(data_dir: Union[str, os.PathLike, None], relative: str) -> Path:
-    root = resolve_data_dir(data_dir)
-    path = root / relative
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Expected the data file {str(path)!r} (data folder {str(root)!r} + {relative!r}), but it does not "
-            f"exist. Pass `data_dir=` pointing at the shared data folder, or set the environment variable "
-            f"{DATA_ENV_VAR}."
-        )
-    return path
-
-
-# ------------------------------------------------------------------------------------- clusters
-def _cluster_arrays(qid1: Any, qid2: Any, is_duplicate: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Unique question ids (sorted) and the cluster id of each, clusters numbered by smallest qid."""
-    q1 = np.asarray(qid1, dtype=np.int64).ravel()
-    q2 = np.asarray(qid2, dtype=np.int64).ravel()
-    dup = np.asarray(is_duplicate).ravel().astype(bool)
-    if not (q1.shape == q2.shape == dup.shape):
-        raise ValueError(
-            f"Expected `qid1`, `qid2` and `is_duplicate` of equal length, but got {q1.shape[0]}, {q2.shape[0]} "
-            f"and {dup.shape[0]}."
-        )
-    uniq, inverse = np.unique(np.concatenate([q1, q2]), return_inverse=True)
-    n = q1.shape[0]
-    left, right = inverse[:n][dup].tolist(), inverse[n:][dup].tolist()
-    parent = list(range(uniq.shape[0]))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]  # path halving
-            x = parent[x]
-        return x
-
-    for a, b in zip(left, right):
-        ra, rb = find(a), find(b)
-        if ra != rb:  # the smaller root wins, so every root is its component's smallest member
-            if ra < rb:
-                parent[rb] = ra
-            else:
-                parent[ra] = rb
-    roots = np.fromiter((find(i) for i in range(len(parent))), dtype=np.int64, count=len(parent))
-    _, cluster = np.unique(roots, return_inverse=True)
-    return uniq, cluster.astype(np.int64)
-
-
-def quora_clusters(qid1: Any, qid2: Any, is_duplicate: Any) -> dict[int, int]:
-    """Transitive closure of duplicate pairs: a cluster id for every question id.
-
-    Union-find with path halving over the pairs marked duplicate. Every question id that occurs in
-    ``qid1`` or ``qid2`` gets an id; a question without duplicates is a cluster of its own.
-    Clusters are numbered ``0..C-1`` in the order of their smallest question id. All 404k Quora
-    rows take about a second.
-
-    Args:
-        qid1: question ids of the first question of each pair (any 1-D integer array-like).
-        qid2: question ids of the second question of each pair.
-        is_duplicate: truthy where the pair is a duplicate.
-
-    Returns:
-        ``{question id: cluster id}``.
-
-    Example::
-
-        >>> quora_clusters([10, 11, 12], [11, 13, 14], [1, 1, 0])
-        {10: 0, 11: 0, 12: 1, 13: 0, 14: 2}
-    """
-    uniq, cluster = _cluster_arrays(qid1, qid2, is_duplicate)
-    return dict(zip(uniq.tolist(), cluster.tolist()))
-
-
-# ------------------------------------------------------------------------------------- sampler
-class NoDuplicatesBatchSampler(Sampler[list[int]]):
-    """Batches in which no two samples share a key (e.g. a Quora cluster or an exact sentence).
-
-    Each epoch starts from a permutation seeded by ``(seed, epoch)``. Batches are then filled
-    greedily in that order; a sample that shares a key with a sample already in the batch is
-    deferred and tried again, first, for the next batch. A batch is closed once it holds
-    ``batch_size`` samples or when no remaining sample fits, so towards the end of an epoch (when
-    the remaining samples collide) batches can be smaller. A sample's own keys may repeat (e.g.
-    anchor and positive in the same cluster).
-
-    With ``drop_last=False`` every sample appears exactly once per epoch. With ``drop_last=True``
-    every batch smaller than ``batch_size`` is dropped, so the samples of such batches are skipped
-    for that epoch.
-
-    The batches of an epoch are computed on first use (``len()`` or iteration) and cached, so
-    ``len()`` is exactly the number of batches that the next iteration yields. Lightning calls
-    :meth:`set_epoch` at the start of every epoch.
-
-    Under DDP every rank builds the same global list of batches (same seed and epoch) and takes every
-    ``num_replicas``-th one, starting at ``rank``; the list is padded with its first batches so that
-    every rank gets the same number. Lightning cannot inject a DistributedSampler into a custom batch
-    sampler, so run such trainers with ``Trainer(use_distributed_sampler=False)``.
-
-    Args:
-        keys: per sample, the keys it must not share with any other sample of its batch.
-        batch_size: maximum batch size.
-        seed: seed of the per-epoch permutation.
-        drop_last: drop batches smaller than ``batch_size``.
-        num_replicas: number of DDP ranks sharing the epoch.
-        rank: this process's rank.
-
-    Example::
-
-        >>> s = NoDuplicatesBatchSampler([("a", "b"), ("b", "c"), ("d", "e"), ("f", "g")], batch_size=2)
-        >>> batches = list(s)
-        >>> len(batches) == len(s), sorted(i for b in batches for i in b)
-        (True, [0, 1, 2, 3])
-    """
-
-    def __init__(
-        self,
-        keys: Sequence[Sequence[Hashable]],
-        batch_size: int,
-        seed: int = 0,
-        drop_last: bool = False,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}.")
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"Expected 0 <= rank < num_replicas, but got rank={rank}, num_replicas={num_replicas}.")
-        self.num_replicas, self.rank = num_replicas, rank
-        self.keys = [frozenset(k) for k in keys]
-        self.batch_size = batch_size
-        self.seed = seed
-        self.drop_last = drop_last
-        self.epoch = 0
-        self._cache: Optional[tuple[int, list[list[int]]]] = None
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch`` (called by Lightning at the start of every epoch)."""
-        self.epoch = epoch
-
-    def _batches(self) -> list[list[int]]:
-        if self._cache is not None and self._cache[0] == self.epoch:
-            return self._cache[1]
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        remaining = dict.fromkeys(torch.randperm(len(self.keys), generator=g).tolist())  # ordered set
-        batches: list[list[int]] = []
-        while remaining:
-            batch: list[int] = []
-            taken: set[Hashable] = set()
-            for i in remaining:
-                k = self.keys[i]
-                if taken.isdisjoint(k):
-                    batch.append(i)
-                    taken.update(k)
-                    if len(batch) == self.batch_size:
-                        break
-            for i in batch:
-                del remaining[i]
-            if len(batch) == self.batch_size or not self.drop_last:
-                batches.append(batch)
-        if self.num_replicas > 1 and batches:
-            padded = batches + batches[: (-len(batches)) % self.num_replicas]
-            batches = padded[self.rank :: self.num_replicas]
-        self._cache = (self.epoch, batches)
-        return batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter([list(b) for b in self._batches()])
-
-    def __len__(self) -> int:
-        return len(self._batches())
 
 
 # ------------------------------------------------------------------------------------- datasets
@@ -312,14 +110,9 @@ class _TextPairsDataModule(pl.LightningDataModule):
             sampler = NoDuplicatesBatchSampler(self.train_keys.tolist(), self.batch_size, seed=self.seed,
                                                num_replicas=world, rank=rank)
             return DataLoader(self.train_set, batch_sampler=sampler)
-        # Under DDP, Lightning swaps in a DistributedSampler (seeded, set_epoch'ed) for shuffle=True.
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=distributed,
-            sampler=None if distributed else EpochSeededSampler(len(self.train_set), self.seed),
-            drop_last=False,
-        )
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return DataLoader(self.train_set, batch_size=self.batch_size, drop_last=False,
+                          **shuffled_loader_kwargs(len(self.train_set), self.seed, world))
 
     def val_dataloader(self) -> DataLoader:
         """Held-out texts in order: dicts ``{"text": list[str], "index": LongTensor}`` (+ ``"label"``)."""
@@ -346,65 +139,6 @@ class _TextPairsDataModule(pl.LightningDataModule):
 
 
 # ------------------------------------------------------------------------------------- Quora
-def _read_quora_tsv(path: Path) -> "pd.DataFrame":
-    import pandas as pd
-
-    df = pd.read_csv(path, sep="\t", compression="gzip", keep_default_na=False)
-    expected = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
-    missing = [c for c in expected if c not in df.columns]
-    if missing:
-        raise ValueError(f"Expected the columns {expected} in {str(path)!r}, but {missing} are missing.")
-    return df
-
-
-def _quora_from_hf(name: str) -> "pd.DataFrame":
-    """Rows ``qid1, qid2, question1, question2, is_duplicate`` from a Hugging Face dataset.
-
-    Understands the legacy ``quora`` layout (``questions: {id, text}``, ``is_duplicate``), tables
-    with the TSV's own columns, and ``question1/question2/label`` tables (GLUE QQP); where there are
-    no question ids, identical texts share one id. All splits are concatenated (the split is ours).
-    """
-    import datasets  # lazy: optional, and it needs the network
-    import pandas as pd
-
-    loaded = datasets.load_dataset(name)
-    splits = list(loaded.values()) if isinstance(loaded, dict) else [loaded]
-    frames = []
-    for split in splits:
-        cols = set(split.column_names)
-        if "questions" in cols and "is_duplicate" in cols:
-            q = split["questions"]
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "qid1": [int(x["id"][0]) for x in q],
-                        "qid2": [int(x["id"][1]) for x in q],
-                        "question1": [x["text"][0] for x in q],
-                        "question2": [x["text"][1] for x in q],
-                        "is_duplicate": [int(bool(d)) for d in split["is_duplicate"]],
-                    }
-                )
-            )
-        elif {"question1", "question2"} <= cols and ({"is_duplicate", "label"} & cols):
-            frame = split.to_pandas()
-            if "is_duplicate" not in frame.columns:
-                frame["is_duplicate"] = frame["label"]
-            frames.append(frame)
-        else:
-            raise ValueError(
-                f"Expected a Quora-style dataset with `questions`+`is_duplicate` or `question1`/`question2`+"
-                f"`is_duplicate`/`label` columns, but {name!r} has {sorted(cols)}."
-            )
-    df = pd.concat(frames, ignore_index=True)
-    df["question1"] = df["question1"].fillna("").astype(str)
-    df["question2"] = df["question2"].fillna("").astype(str)
-    df["is_duplicate"] = (df["is_duplicate"].astype(int) == 1).astype(int)
-    if "qid1" not in df.columns or "qid2" not in df.columns:
-        codes, _ = pd.factorize(pd.concat([df["question1"], df["question2"]], ignore_index=True))
-        df["qid1"], df["qid2"] = codes[: len(df)], codes[len(df) :]
-    return df
-
-
 class QuoraDuplicatesDataModule(_TextPairsDataModule):
     """Quora duplicate questions, split by duplicate cluster, with a held-out retrieval set.
 
@@ -473,8 +207,8 @@ class QuoraDuplicatesDataModule(_TextPairsDataModule):
 
     def _load_frame(self) -> "pd.DataFrame":
         if self.hf_dataset is not None:
-            return _quora_from_hf(self.hf_dataset)
-        return _read_quora_tsv(_require_file(self.data_dir, QUORA_FILE))
+            return quora_from_hf(self.hf_dataset)
+        return read_quora_tsv(require_file(self.data_dir, QUORA_FILE))
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:
@@ -485,7 +219,7 @@ class QuoraDuplicatesDataModule(_TextPairsDataModule):
         q1 = df["qid1"].to_numpy(dtype=np.int64)
         q2 = df["qid2"].to_numpy(dtype=np.int64)
         dup = df["is_duplicate"].to_numpy() == 1
-        uniq, cluster_of_uniq = _cluster_arrays(q1, q2, dup)
+        uniq, cluster_of_uniq = cluster_arrays(q1, q2, dup)
         self.clusters = dict(zip(uniq.tolist(), cluster_of_uniq.tolist()))
         c1 = cluster_of_uniq[np.searchsorted(uniq, q1)]
 
@@ -536,74 +270,6 @@ class QuoraDuplicatesDataModule(_TextPairsDataModule):
     def _build_relevance(self) -> Tensor:
         assert self.test_labels is not None
         return self.test_labels.view(-1, 1) == self.test_labels.view(1, -1)
-
-
-# ------------------------------------------------------------------------------------- SICK / STSb
-def _read_tsv(path: Path) -> list[list[str]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-
-
-def load_sick(
-    data_dir: Union[str, os.PathLike, None] = DEFAULT_DATA_DIR, split: str = "test"
-) -> tuple[list[str], list[str], Tensor]:
-    """SICK 2014 sentence pairs and relatedness scores (1–5).
-
-    Args:
-        data_dir: data folder holding ``text_pairs/sick2014``.
-        split: ``"train"``, ``"trial"`` or ``"test"``.
-
-    Returns:
-        ``(sentence_A, sentence_B, relatedness)`` with ``relatedness`` a ``[N]`` float tensor.
-    """
-    if split not in _SICK_FILES:
-        raise ValueError(f"Expected `split` in {sorted(_SICK_FILES)}, but got {split!r}.")
-    path = _require_file(data_dir, f"{SICK_DIR}/{_SICK_FILES[split]}")
-    rows = _read_tsv(path)
-    header, body = rows[0], rows[1:]
-    try:
-        ia, ib, ir = header.index("sentence_A"), header.index("sentence_B"), header.index("relatedness_score")
-    except ValueError as err:
-        raise ValueError(
-            f"Expected a header with sentence_A, sentence_B and relatedness_score in {str(path)!r}, but got {header}."
-        ) from err
-    body = [r for r in body if r]
-    return [r[ia] for r in body], [r[ib] for r in body], torch.tensor([float(r[ir]) for r in body])
-
-
-def load_stsb(
-    data_dir: Union[str, os.PathLike, None] = DEFAULT_DATA_DIR, split: str = "test"
-) -> tuple[list[str], list[str], Tensor]:
-    """STS benchmark sentence pairs and gold similarity scores (0–5).
-
-    ``sts-{split}.csv`` are TAB-separated without a header: ``genre, file, year, id, score,
-    sentence1, sentence2``; some rows carry two extra trailing columns (source notes), which are
-    ignored. Quotes are literal (``csv.QUOTE_NONE``).
-
-    Args:
-        data_dir: data folder holding ``text_pairs/stsbenchmark``.
-        split: ``"train"``, ``"dev"`` or ``"test"``.
-
-    Returns:
-        ``(sentence1, sentence2, scores)`` with ``scores`` a ``[N]`` float tensor.
-    """
-    if split not in ("train", "dev", "test"):
-        raise ValueError(f"Expected `split` in ['dev', 'test', 'train'], but got {split!r}.")
-    path = _require_file(data_dir, f"{STSB_DIR}/sts-{split}.csv")
-    s1: list[str] = []
-    s2: list[str] = []
-    scores: list[float] = []
-    for line, row in enumerate(_read_tsv(path), start=1):
-        if not row:
-            continue
-        if len(row) < 7:
-            raise ValueError(
-                f"Expected at least 7 tab-separated columns in {str(path)!r} line {line}, but got {len(row)}."
-            )
-        scores.append(float(row[4]))
-        s1.append(row[5])
-        s2.append(row[6])
-    return s1, s2, torch.tensor(scores)
 
 
 class SickDataModule(_TextPairsDataModule):

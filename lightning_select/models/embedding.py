@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.retrieval import RetrievalMAP, RetrievalNormalizedDCG, RetrievalPrecision
 
-from lightning_select.contrastive import EmbeddingOutput, info_nce_per_row
+from lightning_select.rules.contrastive import EmbeddingOutput, info_nce_per_row
 
 
 def retrieval_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, Tensor]:

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from lightning_select.contrastive import EmbeddingOutput, info_nce_per_row
+from lightning_select.guides.encoders import check_texts, mean_pool
+from lightning_select.rules.contrastive import EmbeddingOutput, info_nce_per_row
 from lightning_select.evaluation import retrieval_report
 
 DEFAULT_STUDENT_PATH = "../shared/data/models/minilm-l6-m2v-128d"
@@ -41,16 +42,6 @@ def _resolve_student_path(path: str) -> str:
     if path == DEFAULT_STUDENT_PATH and root:
         return str(Path(root) / "models" / "minilm-l6-m2v-128d")
     return path
-
-
-def _check_texts(texts: Any) -> list[str]:
-    if isinstance(texts, str) or not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
-        raise TypeError(
-            f"Expected a list of strings, but got {type(texts).__name__}"
-            + (f" of {type(texts[0]).__name__}" if isinstance(texts, Sequence) and len(texts) else "")
-            + ". Pass a batch of texts such as `batch['anchor']`."
-        )
-    return list(texts)
 
 
 class StaticEmbeddingEncoder(nn.Module):
@@ -131,7 +122,7 @@ class StaticEmbeddingEncoder(nn.Module):
 
     def forward(self, texts: list[str]) -> Tensor:
         """``[B, D]`` mean token embeddings of ``texts``."""
-        texts = _check_texts(texts)
+        texts = check_texts(texts, type(self).__name__)
         device = self.bag.weight.device
         if not texts:
             return self.bag.weight.new_zeros(0, self.dim)
@@ -188,13 +179,11 @@ class HFTransformerEncoder(nn.Module):
 
     def forward(self, texts: list[str]) -> Tensor:
         """``[B, D]`` mean-pooled last hidden states of ``texts``."""
-        texts = _check_texts(texts)
+        texts = check_texts(texts, type(self).__name__)
         device = next(self.model.parameters()).device
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         enc = {k: v.to(device) for k, v in enc.items()}
-        hidden = self.model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return mean_pool(self.model(**enc).last_hidden_state, enc["attention_mask"])
 
 
 class TextEmbeddingModule(pl.LightningModule):

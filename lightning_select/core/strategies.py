@@ -31,16 +31,21 @@ from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, StrategyRegistry
 
-from lightning_select.engine import _ENGINE_ATTR
+from lightning_select.core.engine import SelectionEngine
 
 
 class SelectStrategyMixin:
-    """Routes ``training_step`` through the lightning_select engine when one is installed."""
+    """Routes ``training_step`` through the lightning_select engine when one is installed.
+
+    ``runs_selection_engine`` tells the engine not to wrap ``training_step`` itself.
+    """
+
+    runs_selection_engine = True
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         parent = super()
         module = self.lightning_module  # type: ignore[attr-defined]
-        engine = getattr(module, _ENGINE_ATTR, None)
+        engine = SelectionEngine.of(module)
         if engine is None:
             return parent.training_step(*args, **kwargs)  # type: ignore[misc]
         return engine.run_step(module, parent.training_step, *args, **kwargs)  # type: ignore[misc]

@@ -1,0 +1,189 @@
+"""``GuideLookup``: a frozen guide, the batch columns it reads, and its embedding cache.
+
+The policy asks for "guide embeddings of these rows"; the lookup answers from the cache or runs the
+guide (frozen, eval mode, no grad, autocast off) and checks what the guide returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_select.core.batch import select_batch
+from lightning_select.core.context import SelectionError
+from lightning_select.guides.cache import GuideEmbeddingCache
+from lightning_select.guides.encoders import load_guide, module_fingerprint
+
+if TYPE_CHECKING:  # pragma: no cover
+    import lightning.pytorch as pl
+
+Guide = Union[nn.Module, Callable[[Any], Tensor]]
+
+
+class GuideLookup:
+    """Guide embeddings ``[b, G]`` of the batch columns ``columns`` for given rows, cached by sample index.
+
+    Args:
+        guide: a frozen ``nn.Module`` or callable mapping a column's raw inputs to ``[b, G]``
+            embeddings, or a model id/path for :func:`~lightning_select.guides.encoders.load_guide`.
+        columns: batch keys read by each role (roles reading the same key share one guide pass).
+        cache: ``"memory"``, ``"disk"`` (needs ``cache_dir``) or ``None``.
+        cache_dtype: ``"float32"`` (exact) or ``"float16"``.
+        cache_dir: directory of the disk cache.
+        precompute: fill the cache for the whole training set before training (progress bar).
+        fingerprint: identifies a non-``nn.Module`` guide for disk-cache invalidation.
+        owner: the policy's name, for error messages.
+    """
+
+    def __init__(self, guide: Union[Guide, str], columns: Sequence[str],
+                 cache: Optional[Literal["memory", "disk"]] = "memory",
+                 cache_dtype: Literal["float32", "float16"] = "float32", cache_dir: Optional[str] = None,
+                 precompute: bool = False, fingerprint: Optional[str] = None, owner: str = "GuidedNegatives") -> None:
+        if cache not in (None, "memory", "disk"):
+            raise ValueError(f"Expected `cache` to be 'memory', 'disk' or None, but got {cache!r}.")
+        if cache == "disk" and not cache_dir:
+            raise ValueError("`cache='disk'` needs `cache_dir=` (a directory for the memory-mapped store).")
+        if cache_dtype not in ("float32", "float16"):
+            raise ValueError(f"Expected `cache_dtype` 'float32' or 'float16', but got {cache_dtype!r}.")
+        if precompute and cache is None:
+            raise ValueError("`precompute=True` fills the cache; set `cache='memory'` or `'disk'`.")
+        self.guide: Guide = load_guide(guide) if isinstance(guide, str) else guide
+        if not callable(self.guide):
+            raise TypeError(f"Expected the guide to be an nn.Module, a callable or a model id, but got {guide!r}.")
+        self.columns = list(columns)
+        #: Distinct batch keys; roles that read the same key (e.g. "image" for both) share one guide pass.
+        self.input_columns = list(dict.fromkeys(self.columns))
+        self.cache_mode, self.cache_dir, self.precompute = cache, cache_dir, precompute
+        self.cache_dtype = torch.float16 if cache_dtype == "float16" else torch.float32
+        self.fingerprint, self.owner = fingerprint, owner
+        self.cache: Optional[GuideEmbeddingCache] = None
+        self._epoch_hits = self._epoch_misses = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, pl_module: "pl.LightningModule") -> None:
+        """Freeze the guide; refuse a guide that is part of the trained module."""
+        if isinstance(self.guide, nn.Module):
+            own = {id(p) for p in pl_module.parameters()}
+            if any(id(p) in own for p in self.guide.parameters()):
+                raise SelectionError(
+                    "The guide is a submodule of the LightningModule, so Lightning would train it, put it in the "
+                    f"optimizer, the checkpoint and DDP. Keep it out of the module: pass it only to {self.owner}."
+                )
+            self.guide.requires_grad_(False).eval()
+
+    def to(self, device: torch.device) -> None:
+        if isinstance(self.guide, nn.Module):
+            self.guide.to(device)
+
+    def open_cache(self, trainer: "pl.Trainer", dataset: Any, device: torch.device) -> None:
+        """Create the cache for ``len(dataset)`` samples (and fill it if ``precompute``)."""
+        if self.cache_mode is None or self.cache is not None:
+            return
+        try:
+            n = len(dataset)
+        except TypeError as err:
+            raise SelectionError(f"{self.owner}'s cache needs a sized training dataset (len(dataset)).") from err
+        fp = self.fingerprint or (module_fingerprint(self.guide) if isinstance(self.guide, nn.Module)
+                                  else getattr(self.guide, "__qualname__", type(self.guide).__qualname__))
+        directory = None
+        if self.cache_mode == "disk":
+            assert self.cache_dir is not None
+            directory = Path(self.cache_dir) / (f"rank{trainer.global_rank}" if trainer.world_size > 1 else "")
+        self.cache = GuideEmbeddingCache(n, len(self.input_columns), self.cache_dtype, directory, fp)
+        if self.precompute:
+            self.fill_cache(dataset, device, show_progress=trainer.is_global_zero)
+
+    def fill_cache(self, dataset: Any, device: torch.device, batch_size: int = 256, show_progress: bool = True) -> None:
+        """Embed every (sample, column) not yet cached, with a progress bar."""
+        from torch.utils.data import DataLoader, Subset
+        from tqdm.auto import tqdm
+
+        assert self.cache is not None
+        todo = (~self.cache.filled.all(1)).nonzero().squeeze(1)
+        if todo.numel() == 0:
+            return
+        loader = DataLoader(Subset(dataset, todo.tolist()), batch_size=batch_size)
+        start = 0
+        for batch in tqdm(loader, desc="guide cache", disable=not show_progress, leave=False):
+            b = len(batch[self.columns[0]])
+            idx = todo[start:start + b]
+            start += b
+            for c, column in enumerate(self.input_columns):
+                self.cache.store(c, idx, self.run_guide(batch[column], b, column, device))
+        self.cache.flush()
+
+    def flush(self) -> None:
+        if self.cache is not None:
+            self.cache.flush()
+
+    # ------------------------------------------------------------------ lookups
+    def run_guide(self, inputs: Any, expected: int, column: str, device: torch.device) -> Tensor:
+        """The guide's fp32 ``[expected, G]`` embeddings of one column's raw inputs, checked."""
+        if isinstance(self.guide, nn.Module) and self.guide.training:
+            self.guide.eval()  # Lightning never reaches it, but a user might have called .train()
+        if isinstance(inputs, Tensor):
+            inputs = inputs.to(device)
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            out = self.guide(inputs)
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            raise SelectionError(
+                f"The guide must return a [batch, dim] tensor for column {column!r}, but returned "
+                f"{type(out).__name__} with shape {tuple(getattr(out, 'shape', ()))}."
+            )
+        if out.shape[0] != expected:
+            raise SelectionError(
+                f"The guide returned {out.shape[0]} embeddings for column {column!r} but the student's batch has "
+                f"{expected} rows: guide and student must see the same samples."
+            )
+        if not bool(torch.isfinite(out).all()):
+            raise SelectionError(f"The guide returned non-finite embeddings for column {column!r}.")
+        return out.float()
+
+    def embeddings(self, batch: Any, indices: Tensor, device: torch.device) -> list[Tensor]:
+        """Guide embeddings ``[b, G]`` of every role's column for the rows of ``batch`` (sample ``indices``)."""
+        if not isinstance(batch, Mapping):
+            raise SelectionError(f"{self.owner} reads raw inputs by column name, so batches must be dicts.")
+        missing = [c for c in self.columns if c not in batch]
+        if missing:
+            raise SelectionError(
+                f"{self.owner} needs the raw-input columns {missing} in the batch (present: {sorted(batch)}). "
+                "Keep the guide's inputs (e.g. the raw text) in the batch, or set anchor_column/positive_column/"
+                "negative_columns to the keys you use."
+            )
+        b = indices.numel()
+        embedded: dict[str, Tensor] = {}
+        for c, column in enumerate(self.input_columns):
+            inputs = batch[column]
+            size = inputs.shape[0] if isinstance(inputs, Tensor) else len(inputs)
+            if size != b:
+                raise SelectionError(f"Column {column!r} holds {size} rows but the batch has {b}.")
+            if self.cache is None:
+                embedded[column] = self.run_guide(inputs, b, column, device)
+                continue
+            hits_before = self.cache.hits
+            compute = lambda rows, inputs=inputs, column=column: self.run_guide(  # noqa: E731
+                select_batch(inputs, rows, b), rows.numel(), column, device)
+            embedded[column] = self.cache.get_or_compute(c, indices, compute).to(device)
+            self._epoch_hits += self.cache.hits - hits_before
+            self._epoch_misses += b - (self.cache.hits - hits_before)
+        out = [embedded[column] for column in self.columns]
+        if len({t.shape[1] for t in out}) > 1:
+            raise SelectionError(
+                f"The guide embedded the columns {self.columns} to different dimensions {[t.shape[1] for t in out]}; "
+                "one guide must map every column to the same space."
+            )
+        return out
+
+    def epoch_hit_rate(self, reset: bool = False) -> Optional[float]:
+        """Fraction of cache lookups answered from the cache since the last reset (None without a cache)."""
+        if self.cache is None:
+            return None
+        total = self._epoch_hits + self._epoch_misses
+        rate = self._epoch_hits / total if total else 0.0
+        if reset:
+            self._epoch_hits = self._epoch_misses = 0
+        return rate

@@ -1,0 +1,14 @@
+"""Samplers and clustering helpers for batch composition. They import no Lightning."""
+
+from lightning_select.samplers.clustering import cluster_arrays, quora_clusters
+from lightning_select.samplers.epoch import EpochSeededSampler, epoch_generator, shuffled_loader_kwargs
+from lightning_select.samplers.no_duplicates import NoDuplicatesBatchSampler
+
+__all__ = [
+    "EpochSeededSampler",
+    "NoDuplicatesBatchSampler",
+    "cluster_arrays",
+    "epoch_generator",
+    "quora_clusters",
+    "shuffled_loader_kwargs",
+]
