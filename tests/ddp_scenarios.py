@@ -114,6 +114,58 @@ def no_duplicates_scenario():
     return {"batches": keys.batches, "num_samples": len(dm.train_set)}
 
 
+class RankBatches(torch.utils.data.Sampler):
+    """Per-rank batches of indices (no DistributedSampler): lets one rank get a larger batch."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def _raised(fn):
+    try:
+        fn()
+    except SelectionError as err:
+        return str(err)
+    return "no error"
+
+
+def lone_rank_capacity_scenario():
+    """Rank 1's second batch is larger than its first. Agreed capacity: trains; fixed capacity: all ranks raise."""
+    from torch.utils.data import DataLoader
+
+    from lightning_select import IndexedDataset
+    from helpers import RegressionTable
+
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    batches = [[0, 1, 2, 3], [4, 5, 6, 7]] if rank == 0 else [[8, 9, 10, 11], list(range(12, 20))]
+    loader = lambda: DataLoader(IndexedDataset(RegressionTable(32)), batch_sampler=RankBatches(batches))  # noqa: E731
+    history = LossHistory(num_samples=32)
+    trainer([history], max_steps=2, use_distributed_sampler=False).fit(PerSampleRegressor(), loader())
+    fixed = lambda: trainer([LossHistory(num_samples=32, capacity=4)], max_steps=2,  # noqa: E731
+                            use_distributed_sampler=False).fit(PerSampleRegressor(), loader())
+    return {"count": history.store.count.clone(), "error": _raised(fixed)}
+
+
+class NaNOnRank1(PerSampleRegressor):
+    """Every sample of rank 1 has a NaN loss; rank 0 is fine."""
+
+    def training_step(self, batch, batch_idx):
+        losses = super().training_step(batch, batch_idx)
+        return losses * float("nan") if self.trainer.global_rank == 1 else losses
+
+
+def lone_rank_nan_scenario():
+    """nan_policy='skip' with every local row non-finite on rank 1: every rank raises the same error."""
+    return _raised(lambda: trainer([SelectionEngine(nan_policy="skip"), LossHistory()], max_steps=1).fit(
+        NaNOnRank1(), regression_loader(n=64, batch_size=4)))
+
+
 def main():
     global OUT
     OUT = Path(sys.argv[1])
@@ -147,6 +199,8 @@ def main():
     results["gist_gather"] = gist_gather_scenario()
     results["gist_gather_chunked"] = gist_gather_scenario(mini_batch_size=10)
     results["no_duplicates"] = no_duplicates_scenario()
+    results["lone_rank_capacity"] = lone_rank_capacity_scenario()
+    results["lone_rank_nan"] = lone_rank_nan_scenario()
     results["gist_uneven"] = gist_uneven_scenario()  # last: it ends a fit with an exception
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(results, OUT / f"rank{rank}.pt")

@@ -114,6 +114,26 @@ def test_gist_gather_across_devices_equals_full_batch_gradient(ranks, scenario):
     assert torch.equal(res[0]["fn"], res[1]["fn"]) and res[0]["fn"].sum() > 0
 
 
+def test_agreed_gather_capacity_lets_one_rank_take_a_larger_batch(ranks):
+    """Rank 1's second batch (8 rows) is twice its first: the ranks agree on the gather size every step."""
+    expected = torch.zeros(32, dtype=torch.int32)
+    expected[:20] = 1  # rank 0 trained 0..7, rank 1 trained 8..19
+    for r in range(2):
+        assert torch.equal(ranks[r]["lone_rank_capacity"]["count"], expected)
+
+
+def test_fixed_capacity_overflow_raises_the_same_error_on_every_rank(ranks):
+    errors = [ranks[r]["lone_rank_capacity"]["error"] for r in range(2)]
+    assert errors[0] == errors[1], errors
+    assert "capacity=4" in errors[0] and "rank(s) [1] trained [8] rows" in errors[0], errors[0]
+
+
+def test_all_nonfinite_rank_raises_the_same_error_on_every_rank(ranks):
+    errors = [ranks[r]["lone_rank_nan"] for r in range(2)]
+    assert errors[0] == errors[1], errors
+    assert "every sample of batch 0 on rank(s) [1]" in errors[0] and "nan_policy='skip'" not in errors[0], errors[0]
+
+
 def test_gist_gather_rejects_uneven_batches_on_every_rank(ranks):
     for r in range(2):
         assert "same number of rows on every rank" in ranks[r]["gist_uneven"], ranks[r]["gist_uneven"]
