@@ -27,6 +27,20 @@ from torchmetrics.retrieval import RetrievalMRR, RetrievalNormalizedDCG, Retriev
 _CHUNK_ENTRIES = 4_000_000  # query-by-document scores held at once
 
 
+def retrieval_scores(cosines: Tensor) -> Tensor:
+    """Cosines as torchmetrics retrieval scores: shifted into ``[1, 3]``, in float64 (float32 on MPS).
+
+    torchmetrics >= 1.8 counts a document with a score <= 0 as not retrieved (recall, MRR, ...); the
+    shift keeps every ranking, and float64 keeps nearby cosines apart.
+
+    Example::
+
+        >>> retrieval_scores(torch.tensor([-1.0, 0.0, 1.0])).tolist()
+        [1.0, 2.0, 3.0]
+    """
+    return cosines.to(torch.float32 if cosines.device.type == "mps" else torch.float64) + 2.0
+
+
 def _relevance_rows(relevant: Tensor, rows: Tensor) -> Tensor:
     """``[c, N]`` relevance of the query rows (from a bool matrix or a label vector), self excluded."""
     if relevant.dim() == 1:
@@ -121,9 +135,7 @@ def retrieval_report(
         keep.scatter_(1, scores.topk(depth, dim=1).indices, True)
         keep[on_self] = False
         group = torch.arange(c, device=device).view(-1, 1).expand(c, n)
-        # torchmetrics >= 1.8 counts a document with a score <= 0 as not retrieved (recall, MRR, ...), so
-        # shift the cosines into [1, 3]: same ranking, and float64 (not on MPS) keeps nearby cosines apart.
-        preds = scores[keep].to(torch.float32 if device.type == "mps" else torch.float64) + 2.0
+        preds = retrieval_scores(scores[keep])
         target, group = target[keep], group[keep]
         for name, metric in metrics.items():
             metric.to(device)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.retrieval import RetrievalMAP, RetrievalNormalizedDCG, RetrievalPrecision
 
+from lightning_select.evaluation import retrieval_scores
 from lightning_select.rules.contrastive import EmbeddingOutput, info_nce_per_row
 
 
@@ -28,9 +29,7 @@ def retrieval_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, Tensor]:
     n = e.shape[0]
     sims = e @ e.T
     off_diag = ~torch.eye(n, dtype=torch.bool, device=e.device)
-    # torchmetrics' retrieval metrics (1.9) treat scores <= 0 as "not retrieved"; cosines can be
-    # negative, so shift them to [1, 3] (float64), which keeps every ranking.
-    preds = sims[off_diag].double() + 2.0
+    preds = retrieval_scores(sims[off_diag])
     target = (labels.view(-1, 1) == labels.view(1, -1))[off_diag]
     indexes = torch.arange(n, device=e.device).view(-1, 1).expand(n, n)[off_diag]
     metrics = {

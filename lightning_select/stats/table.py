@@ -187,8 +187,8 @@ class SampleTable:
             return new
         if column.reduce == "first":
             return torch.where(unset, new, old)
-        if column.reduce == "sum":
-            return old + new
+        if column.reduce == "sum":  # a NaN default means "unset": the first value starts the sum
+            return torch.where(unset, new, old + new)
         if column.reduce == "ema":
             return torch.where(unset, new, column.ema_decay * old + (1 - column.ema_decay) * new)
         if column.reduce == "max":
