@@ -1,7 +1,8 @@
 """``GuideLookup``: a frozen guide, the batch columns it reads, and its embedding cache.
 
 The policy asks for "guide embeddings of these rows"; the lookup answers from the cache or runs the
-guide (frozen, eval mode, no grad, autocast off) and checks what the guide returned.
+guide (frozen, eval mode, no grad, autocast off) and checks what the guide returned. Under DDP the
+cache is shared: see :class:`GuideLookup`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,25 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Guide = Union[nn.Module, Callable[[Any], Tensor]]
 
+#: Rows per rank exchanged in one all_gather round when a sharded memory cache is assembled.
+EXCHANGE_CHUNK_ROWS = 8192
+
+
+def shard_rows(rows: Tensor, rank: int, world_size: int) -> Tensor:
+    """The rows rank ``rank`` of ``world_size`` embeds: ``rows[rank::world_size]``.
+
+    Shards are disjoint, their union is ``rows``, and their sizes differ by at most one (the
+    largest is ``ceil(len(rows) / world_size)``, the padded size of the exchange).
+
+    Example::
+
+        >>> [shard_rows(torch.arange(5), r, 2).tolist() for r in range(2)]
+        [[0, 2, 4], [1, 3]]
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"Expected 0 <= rank < world_size, but got rank={rank}, world_size={world_size}.")
+    return rows[rank::world_size]
+
 
 class GuideLookup:
     """Guide embeddings ``[b, G]`` of the batch columns ``columns`` for given rows, cached by sample index.
@@ -33,10 +53,29 @@ class GuideLookup:
         columns: batch keys read by each role (roles reading the same key share one guide pass).
         cache: ``"memory"``, ``"disk"`` (needs ``cache_dir``) or ``None``.
         cache_dtype: ``"float32"`` (exact) or ``"float16"``.
-        cache_dir: directory of the disk cache.
-        precompute: fill the cache for the whole training set before training (progress bar).
+        cache_dir: directory of the disk cache, shared by every rank of a node (below).
+        precompute: fill the cache for the whole training set before training (progress bar);
+            under DDP the work is sharded across ranks.
         fingerprint: identifies a non-``nn.Module`` guide for disk-cache invalidation.
         owner: the policy's name, for error messages.
+
+    **Under DDP** (``world_size > 1``) each sample is embedded by the guide once per node, not once
+    per rank:
+
+    * ``cache="disk"``: one cache in ``cache_dir`` that every rank of the node maps (with several
+      nodes, ``cache_dir/node{node_rank}``, so nodes sharing a file system never write the same
+      files). Local rank 0 alone validates it (fingerprint, shape, dtype; a mismatch discards it)
+      and creates it, embedding its first batch to learn the embedding size; the other ranks wait
+      at a barrier, then open it. With ``precompute`` local rank ``r`` of ``W`` embeds
+      ``shard_rows(missing, r, W)`` of the rows still missing, writing disjoint rows in place;
+      after a barrier every rank re-maps the complete cache. During training a rank that misses a
+      row (no ``precompute``, or a row that was not filled) runs the guide itself and writes the row
+      to the shared files (values flushed before the ``filled`` flag), so every rank, later epochs
+      and later runs reuse it; two ranks missing the same row at once both write the same output,
+      which is harmless.
+    * ``cache="memory"`` with ``precompute``: each rank embeds its shard of all rows, then the
+      shards are exchanged with ``all_gather`` (padded to equal size, in chunks) so every rank holds
+      the full cache. Without ``precompute`` each rank fills its own memory cache from its batches.
     """
 
     def __init__(self, guide: Union[Guide, str], columns: Sequence[str],
@@ -89,32 +128,123 @@ class GuideLookup:
             raise SelectionError(f"{self.owner}'s cache needs a sized training dataset (len(dataset)).") from err
         fp = self.fingerprint or (module_fingerprint(self.guide) if isinstance(self.guide, nn.Module)
                                   else getattr(self.guide, "__qualname__", type(self.guide).__qualname__))
+        if trainer.world_size > 1 and self.cache_mode == "disk":
+            self._open_shared_disk_cache(trainer, dataset, device, n, fp)
+            return
         directory = None
         if self.cache_mode == "disk":
             assert self.cache_dir is not None
-            directory = Path(self.cache_dir) / (f"rank{trainer.global_rank}" if trainer.world_size > 1 else "")
+            directory = Path(self.cache_dir)
         self.cache = GuideEmbeddingCache(n, len(self.input_columns), self.cache_dtype, directory, fp)
-        if self.precompute:
+        if self.precompute and trainer.world_size > 1:
+            self._fill_memory_cache_sharded(trainer, dataset, device)
+        elif self.precompute:
             self.fill_cache(dataset, device, show_progress=trainer.is_global_zero)
 
     def fill_cache(self, dataset: Any, device: torch.device, batch_size: int = 256, show_progress: bool = True) -> None:
-        """Embed every (sample, column) not yet cached, with a progress bar."""
+        """Embed every (sample, column) not yet cached, with a progress bar (this process alone)."""
+        assert self.cache is not None
+        todo = self.cache.missing_rows()
+        if todo.numel() == 0:
+            return
+        self._embed_rows(dataset, todo, device, batch_size, show_progress)
+        self.cache.flush()
+
+    def _embed_rows(self, dataset: Any, rows: Tensor, device: torch.device, batch_size: int = 256,
+                    show_progress: bool = False) -> None:
+        """Run the guide on every column of the samples ``rows`` and store the results in the cache."""
         from torch.utils.data import DataLoader, Subset
         from tqdm.auto import tqdm
 
         assert self.cache is not None
-        todo = (~self.cache.filled.all(1)).nonzero().squeeze(1)
-        if todo.numel() == 0:
+        if rows.numel() == 0:
             return
-        loader = DataLoader(Subset(dataset, todo.tolist()), batch_size=batch_size)
+        loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size)
         start = 0
         for batch in tqdm(loader, desc="guide cache", disable=not show_progress, leave=False):
             b = len(batch[self.columns[0]])
-            idx = todo[start:start + b]
+            idx = rows[start:start + b]
             start += b
             for c, column in enumerate(self.input_columns):
                 self.cache.store(c, idx, self.run_guide(batch[column], b, column, device))
-        self.cache.flush()
+
+    # ------------------------------------------------------------------ DDP: one cache for all ranks
+    def _open_shared_disk_cache(self, trainer: "pl.Trainer", dataset: Any, device: torch.device, n: int,
+                                fingerprint: str, batch_size: int = 256) -> None:
+        """One disk cache per node: local rank 0 validates/creates it, every rank fills its shard.
+
+        The sequence of barriers is the same on every rank whatever the state of the files (a
+        node may find a complete cache while another builds one), so no rank can wait alone.
+        """
+        assert self.cache_dir is not None
+        directory = Path(self.cache_dir)
+        if trainer.num_nodes > 1:
+            directory = directory / f"node{trainer.node_rank}"
+        rank, world = trainer.local_rank, max(trainer.world_size // trainer.num_nodes, 1)
+        creator, barrier = rank == 0, trainer.strategy.barrier
+
+        def open_cache() -> GuideEmbeddingCache:
+            return GuideEmbeddingCache(n, len(self.input_columns), self.cache_dtype, directory, fingerprint,
+                                       shared=True, creator=creator)
+
+        if creator:  # validate first: a stale cache is discarded before any other rank looks at it
+            self.cache = open_cache()
+        barrier("lightning_select.guide_cache.validated")
+        if not creator:
+            self.cache = open_cache()
+        barrier("lightning_select.guide_cache.opened")  # all ranks saw the same files: the same `todo`
+        cache = self.cache
+        assert cache is not None
+        todo = cache.missing_rows()
+        shard = shard_rows(todo, rank, world) if self.precompute else todo[:0]
+        done = 0
+        if creator and cache.values is None and todo.numel():
+            # The files' shape needs the embedding size: embed a first batch (of our own shard) to learn it.
+            first = shard[:batch_size] if self.precompute else todo[:1]
+            self._embed_rows(dataset, first, device, batch_size)  # creates values/filled, then meta.json
+            cache.flush()
+            done = first.numel() if self.precompute else 0
+        barrier("lightning_select.guide_cache.created")
+        if cache.values is None and todo.numel():
+            cache.reopen()  # the files local rank 0 just created
+        if not self.precompute:
+            return
+        self._embed_rows(dataset, shard[done:], device, batch_size, show_progress=trainer.is_global_zero)
+        cache.flush()
+        barrier("lightning_select.guide_cache.filled")
+        if cache.values is not None:
+            cache.reopen()  # read the complete cache, every rank's rows included
+
+    def _fill_memory_cache_sharded(self, trainer: "pl.Trainer", dataset: Any, device: torch.device,
+                                   batch_size: int = 256) -> None:
+        """Each rank embeds ``shard_rows(all, rank, W)``; an all_gather gives every rank the full cache."""
+        cache = self.cache
+        assert cache is not None
+        rank, world = trainer.global_rank, trainer.world_size
+        shard = shard_rows(cache.missing_rows(), rank, world)
+        self._embed_rows(dataset, shard, device, batch_size, show_progress=trainer.is_global_zero)
+        gather = trainer.strategy.all_gather
+        sizes = gather(torch.tensor([shard.numel(), cache.dim or 0], device=device)).reshape(world, 2).cpu()
+        width, dim = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+        if width == 0:
+            return
+        for start in range(0, width, EXCHANGE_CHUNK_ROWS):  # bounded transient memory per round
+            k = min(EXCHANGE_CHUNK_ROWS, width - start)
+            mine = shard[start:start + k]
+            idx = torch.full((k,), -1, dtype=torch.long)
+            vals = torch.zeros(k, cache.num_columns, dim)
+            idx[: mine.numel()] = mine
+            if mine.numel():
+                assert cache.values is not None
+                vals[: mine.numel()] = cache.values[mine].float()  # fp16 -> fp32 -> fp16 is exact
+            all_idx = gather(idx.to(device)).reshape(world, k).cpu()
+            all_vals = gather(vals.to(device)).reshape(world, k, cache.num_columns, dim).cpu()
+            for r in range(world):
+                keep = all_idx[r] >= 0
+                if r == rank or not bool(keep.any()):
+                    continue
+                for c in range(cache.num_columns):
+                    cache.store(c, all_idx[r][keep], all_vals[r][keep, c])
 
     def flush(self) -> None:
         if self.cache is not None:

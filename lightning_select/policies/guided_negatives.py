@@ -56,8 +56,14 @@ class GuidedNegatives(SelectionPolicy):
             gradient for the local shard, guide without).
         cache: ``"memory"``, ``"disk"`` (needs ``cache_dir``) or ``None``.
         cache_dtype: ``"float32"`` (exact) or ``"float16"`` (half the memory).
-        cache_dir: directory of the disk cache.
+        cache_dir: directory of the disk cache. Under DDP it is one cache shared by every rank of a
+            node (``cache_dir/node{k}`` with several nodes): local rank 0 validates and creates
+            it, all ranks write disjoint rows in place, and a row a rank misses during training is
+            written back for everyone.
         precompute: fill the cache for the whole training set before training (progress bar).
+            Under DDP the work is sharded: each rank embeds 1/W of the uncached samples (disk: into
+            the shared files, then a barrier; memory: then an all_gather), so every sample is
+            embedded once per node instead of once per rank.
         fingerprint: identifies a non-``nn.Module`` guide for disk-cache invalidation.
         flagged_pairs_path: if set, every flagged pair (anchor index, candidate index, block, guide
             score, threshold, epoch, step) is recorded, checkpointed, and written there

@@ -160,9 +160,11 @@ class SampleLossStore:
 
     # --------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        table = self.table.state_dict()
         state: dict[str, Any] = {"num_samples": self.num_samples, "ema_decay": self.ema_decay,
-                                 "trace_epochs": self.trace_epochs, "table": self.table.state_dict()}
-        state.update({name: getattr(self, name).clone() for name in _FIELDS})  # readable without the class
+                                 "trace_epochs": self.trace_epochs, "table": table}
+        # Readable without the class; the same tensor objects, so torch.save stores each column once.
+        state.update({name: table["columns"][name] for name in _FIELDS})
         return state
 
     @classmethod
