@@ -89,6 +89,40 @@ def gist_uneven_scenario():
     return "no error"
 
 
+class RowCountingGuide(torch.nn.Module):
+    """The digits guide, recording which training rows it embedded (each training image is unique)."""
+
+    def __init__(self, inner, images):
+        super().__init__()
+        self.inner = inner
+        self.row_of = {img.numpy().tobytes(): i for i, img in enumerate(images)}
+        self.rows = []
+
+    def forward(self, x):
+        self.rows += [self.row_of[img.cpu().numpy().tobytes()] for img in x]
+        return self.inner(x)
+
+
+def gist_shared_cache_scenario():
+    """GIST with one guide cache for both ranks (sharded precompute, disk and memory) and a per-rank
+    live-filled reference: rows embedded per rank, the final cache, the trained parameters."""
+    out = {}
+    variants = {"disk": dict(cache="disk", cache_dir=str(OUT / "guide_cache"), precompute=True),
+                "memory": dict(cache="memory", precompute=True),
+                "reference": dict(cache="memory", precompute=False)}
+    for name, kw in variants.items():
+        dm = DigitsPairsDataModule(batch_size=32)
+        dm.setup("fit")
+        guide = RowCountingGuide(DigitsLDAGuide.fit(seed=0), dm.train_set.dataset.images)
+        gist = GuidedNegatives(guide, "image", "image", margin=0.6, **kw)
+        pl.seed_everything(0)
+        model = DigitsEmbeddingModule()
+        trainer([SelectionEngine(), gist], max_epochs=1).fit(model, dm)
+        out[name] = {"rows": list(guide.rows), "values": gist.cache.values.float().clone(),
+                     "filled": gist.cache.filled.clone(), "params": [p.detach().clone() for p in model.parameters()]}
+    return out
+
+
 class BatchKeys(pl.Callback):
     def __init__(self):
         self.batches = []
@@ -166,6 +200,31 @@ def lone_rank_nan_scenario():
         NaNOnRank1(), regression_loader(n=64, batch_size=4)))
 
 
+def registry_scenario():
+    """Every entry of tests/policy_registry.py: a 2-epoch fit, and 4 epochs uninterrupted vs 2 + resumed 2."""
+    from helpers import Recorder
+    from policy_registry import REGISTRY
+
+    def run(case, max_epochs, name, ckpt_path=None):
+        pl.seed_everything(0)
+        policies, recorder = case.make_policies(), Recorder()
+        model, data = case.make_task(batch_size=128)
+        ckpt = ModelCheckpoint(dirpath=OUT / "registry" / case.name / name, save_last=True, save_top_k=0)
+        trainer([*policies, recorder, ckpt], max_epochs=max_epochs, enable_checkpointing=True).fit(
+            model, data, ckpt_path=ckpt_path)
+        steps = [{k: step[k] for k in ("indices", "weights", "losses")} for step in recorder.records]
+        params = [p.detach().clone() for p in model.parameters()]
+        return {"state": case.state(policies), "steps": steps, "params": params}
+
+    out = {}
+    for case in REGISTRY:
+        part = run(case, 2, "part")
+        full = run(case, 4, "full")
+        resumed = run(case, 4, "resumed", ckpt_path=OUT / "registry" / case.name / "part" / "last.ckpt")
+        out[case.name] = {"fit": part["state"], "full": full, "resumed": resumed}
+    return out
+
+
 def main():
     global OUT
     OUT = Path(sys.argv[1])
@@ -201,6 +260,8 @@ def main():
     results["no_duplicates"] = no_duplicates_scenario()
     results["lone_rank_capacity"] = lone_rank_capacity_scenario()
     results["lone_rank_nan"] = lone_rank_nan_scenario()
+    results["gist_shared_cache"] = gist_shared_cache_scenario()
+    results["registry"] = registry_scenario()
     results["gist_uneven"] = gist_uneven_scenario()  # last: it ends a fit with an exception
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(results, OUT / f"rank{rank}.pt")

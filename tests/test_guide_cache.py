@@ -246,7 +246,8 @@ def test_sharded_disk_precompute_embeds_every_row_once_into_one_cache(tmp_path, 
 
 def test_sharded_precompute_only_embeds_the_missing_rows(tmp_path):
     data = Rows()
-    single = GuideLookup(RowGuide(), ["a", "b"], cache="disk", cache_dir=str(tmp_path / "cache"), fingerprint="fp")
+    single = GuideLookup(RowGuide(), ["a", "b"], cache="disk", cache_dir=str(tmp_path / "cache"), fingerprint="fp",
+                         precompute=False)
     one = SimpleNamespace(world_size=1, is_global_zero=True)
     single.open_cache(one, data, torch.device("cpu"))
     single._embed_rows(data, torch.arange(0, N, 3), torch.device("cpu"))  # a third of the rows, single process

@@ -54,7 +54,8 @@ class GuideLookup:
         cache: ``"memory"``, ``"disk"`` (needs ``cache_dir``) or ``None``.
         cache_dtype: ``"float32"`` (exact) or ``"float16"``.
         cache_dir: directory of the disk cache, shared by every rank of a node (below).
-        precompute: fill the cache for the whole training set before training (progress bar);
+        precompute: fill the cache for the whole training set before training (progress bar); None
+            means True whenever a cache is used (see ``GuidedNegatives``);
             under DDP the work is sharded across ranks.
         fingerprint: identifies a non-``nn.Module`` guide for disk-cache invalidation.
         owner: the policy's name, for error messages.
@@ -81,7 +82,8 @@ class GuideLookup:
     def __init__(self, guide: Union[Guide, str], columns: Sequence[str],
                  cache: Optional[Literal["memory", "disk"]] = "memory",
                  cache_dtype: Literal["float32", "float16"] = "float32", cache_dir: Optional[str] = None,
-                 precompute: bool = False, fingerprint: Optional[str] = None, owner: str = "GuidedNegatives") -> None:
+                 precompute: Optional[bool] = None, fingerprint: Optional[str] = None,
+                 owner: str = "GuidedNegatives") -> None:
         if cache not in (None, "memory", "disk"):
             raise ValueError(f"Expected `cache` to be 'memory', 'disk' or None, but got {cache!r}.")
         if cache == "disk" and not cache_dir:
@@ -96,7 +98,8 @@ class GuideLookup:
         self.columns = list(columns)
         #: Distinct batch keys; roles that read the same key (e.g. "image" for both) share one guide pass.
         self.input_columns = list(dict.fromkeys(self.columns))
-        self.cache_mode, self.cache_dir, self.precompute = cache, cache_dir, precompute
+        self.cache_mode, self.cache_dir = cache, cache_dir
+        self.precompute = (cache is not None) if precompute is None else bool(precompute)
         self.cache_dtype = torch.float16 if cache_dtype == "float16" else torch.float32
         self.fingerprint, self.owner = fingerprint, owner
         self.cache: Optional[GuideEmbeddingCache] = None
@@ -150,6 +153,18 @@ class GuideLookup:
         self._embed_rows(dataset, todo, device, batch_size, show_progress)
         self.cache.flush()
 
+    def check_columns(self, batch: Any) -> None:
+        """Raise a clear error unless ``batch`` is a dict holding every column the guide reads."""
+        if not isinstance(batch, Mapping):
+            raise SelectionError(f"{self.owner} reads raw inputs by column name, so batches must be dicts.")
+        missing = [c for c in self.columns if c not in batch]
+        if missing:
+            raise SelectionError(
+                f"{self.owner} needs the raw-input columns {missing} in the batch (present: {sorted(batch)}). "
+                "Keep the guide's inputs (e.g. the raw text) in the batch, or set anchor_column/positive_column/"
+                "negative_columns to the keys you use."
+            )
+
     def _embed_rows(self, dataset: Any, rows: Tensor, device: torch.device, batch_size: int = 256,
                     show_progress: bool = False) -> None:
         """Run the guide on every column of the samples ``rows`` and store the results in the cache."""
@@ -162,6 +177,7 @@ class GuideLookup:
         loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size)
         start = 0
         for batch in tqdm(loader, desc="guide cache", disable=not show_progress, leave=False):
+            self.check_columns(batch)
             b = len(batch[self.columns[0]])
             idx = rows[start:start + b]
             start += b
@@ -275,15 +291,7 @@ class GuideLookup:
 
     def embeddings(self, batch: Any, indices: Tensor, device: torch.device) -> list[Tensor]:
         """Guide embeddings ``[b, G]`` of every role's column for the rows of ``batch`` (sample ``indices``)."""
-        if not isinstance(batch, Mapping):
-            raise SelectionError(f"{self.owner} reads raw inputs by column name, so batches must be dicts.")
-        missing = [c for c in self.columns if c not in batch]
-        if missing:
-            raise SelectionError(
-                f"{self.owner} needs the raw-input columns {missing} in the batch (present: {sorted(batch)}). "
-                "Keep the guide's inputs (e.g. the raw text) in the batch, or set anchor_column/positive_column/"
-                "negative_columns to the keys you use."
-            )
+        self.check_columns(batch)
         b = indices.numel()
         embedded: dict[str, Tensor] = {}
         for c, column in enumerate(self.input_columns):

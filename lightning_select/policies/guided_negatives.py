@@ -61,7 +61,11 @@ class GuidedNegatives(SelectionPolicy):
             it, all ranks write disjoint rows in place, and a row a rank misses during training is
             written back for everyone.
         precompute: fill the cache for the whole training set before training (progress bar).
-            Under DDP the work is sharded: each rank embeds 1/W of the uncached samples (disk: into
+            None (default) means True whenever a cache is used: the cached embeddings are then a
+            function of the dataset alone, so a resumed run reproduces them bit for bit. With False
+            the cache is filled lazily from the training batches; a guide's output can differ in the
+            last bits with the batch it is computed in, so after a resume (which refills a memory
+            cache from other batches) guide scores may differ by ~1e-7. Under DDP the work is sharded: each rank embeds 1/W of the uncached samples (disk: into
             the shared files, then a barrier; memory: then an all_gather), so every sample is
             embedded once per node instead of once per rank.
         fingerprint: identifies a non-``nn.Module`` guide for disk-cache invalidation.
@@ -102,7 +106,7 @@ class GuidedNegatives(SelectionPolicy):
         cache: Optional[Literal["memory", "disk"]] = "memory",
         cache_dtype: Literal["float32", "float16"] = "float32",
         cache_dir: Optional[str] = None,
-        precompute: bool = False,
+        precompute: Optional[bool] = None,
         fingerprint: Optional[str] = None,
         flagged_pairs_path: Optional[str] = None,
         max_flagged_pairs: int = 2_000_000,
