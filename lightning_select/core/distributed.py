@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-from lightning_select.core.context import SelectionError
+import torch
+from torch import Tensor
+
+from lightning_select.core.context import SelectionError, StepContext
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
@@ -42,3 +45,22 @@ def raise_together(trainer: "pl.Trainer", local_problem: Optional[str], summary:
     if failed:
         detail = f" This rank: {local_problem}" if local_problem else ""
         raise SelectionError(summary + detail)
+
+
+def exchange_bad_rows(ctx: StepContext, local_bad: Tensor, local_rows: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """Every rank's ``(non-finite rows, rows)`` and all non-finite sample indices, on every rank.
+
+    Two collectives; call it on every rank together (the engine does, after the reduction showed a
+    non-finite loss somewhere), so every rank can raise the same error.
+    """
+    if ctx.world_size == 1:
+        return [(int(local_bad.numel()), local_rows)], local_bad.tolist()
+    device = ctx.losses.device if ctx.losses is not None else local_bad.device
+    counts = torch.zeros(ctx.world_size, 2, device=device)
+    counts[ctx.trainer.global_rank] = torch.tensor([float(local_bad.numel()), float(local_rows)], device=device)
+    counts = ctx.trainer.strategy.reduce(counts, reduce_op="sum").round().long().cpu()
+    width = max(int(counts[:, 0].max()), 1)
+    padded = torch.full((width,), -1, dtype=torch.long, device=device)
+    padded[: local_bad.numel()] = local_bad.to(device)
+    everyone = ctx.all_gather(padded).reshape(-1)
+    return [tuple(c) for c in counts.tolist()], everyone[everyone >= 0].tolist()

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from lightning_select.core.batch import IndexKey, batch_size_of, get_indices, select_batch
 from lightning_select.core.context import SelectionError, StepContext, training_loss_of
+from lightning_select.core.distributed import exchange_bad_rows
 from lightning_select.core.grad_cache import GradCache
 from lightning_select.rules.contrastive import EmbeddingOutput, build_logits
 from lightning_select.rules.reduction import effective_sample_size, normalise, weighted_sum_parts
@@ -358,7 +359,7 @@ class SelectionEngine(Callback):
         bad = (bad | ~torch.isfinite(ctx.losses.detach())) if not bool(bad.any()) else bad
         bad = bad.to(ctx.rows.device) & ctx.has_samples
         local_bad = ctx.kept_indices[bad]
-        counts, bad_indices = _exchange_bad_rows(ctx, local_bad, int(ctx.rows.numel()) if ctx.has_samples else 0)
+        counts, bad_indices = exchange_bad_rows(ctx, local_bad, int(ctx.rows.numel()) if ctx.has_samples else 0)
         where = (f"sample indices {bad_indices[:20]}" + (" ..." if len(bad_indices) > 20 else "")
                  if bad_indices else "no sample that is itself non-finite (a candidate shared across ranks?)")
         if attempt == 1:
@@ -428,21 +429,6 @@ class SelectionEngine(Callback):
 def _call_step(step_fn: Callable[..., Any], rest: tuple, kwargs: dict, batch: Any) -> Any:
     """The user's ``training_step`` on ``batch`` with the original ``batch_idx`` (and other) arguments."""
     return step_fn(batch, *rest, **kwargs)
-
-
-def _exchange_bad_rows(ctx: StepContext, local_bad: Tensor, local_rows: int) -> tuple[list[tuple[int, int]], list[int]]:
-    """Every rank's ``(non-finite rows, rows)`` and all non-finite sample indices, on every rank."""
-    if ctx.world_size == 1:
-        return [(int(local_bad.numel()), local_rows)], local_bad.tolist()
-    device = ctx.losses.device if ctx.losses is not None else local_bad.device
-    counts = torch.zeros(ctx.world_size, 2, device=device)
-    counts[ctx.trainer.global_rank] = torch.tensor([float(local_bad.numel()), float(local_rows)], device=device)
-    counts = ctx.trainer.strategy.reduce(counts, reduce_op="sum").round().long().cpu()
-    width = max(int(counts[:, 0].max()), 1)
-    padded = torch.full((width,), -1, dtype=torch.long, device=device)
-    padded[: local_bad.numel()] = local_bad.to(device)
-    everyone = ctx.all_gather(padded).reshape(-1)
-    return [tuple(c) for c in counts.tolist()], everyone[everyone >= 0].tolist()
 
 
 @contextlib.contextmanager
