@@ -13,11 +13,13 @@ plots and I/O.
 from lightning_select.core import (
     DDPSelectStrategy,
     IndexedDataset,
+    PreemptionCheckpoint,
     SelectionEngine,
     SelectionError,
     SelectionPolicy,
     SingleDeviceSelectStrategy,
     StepContext,
+    TrainingPreempted,
     batch_size_of,
     get_indices,
     register_strategies,
@@ -37,6 +39,7 @@ from lightning_select.rules import (
     info_nce_per_row,
     weighted_global_mean,
 )
+from lightning_select.samplers import ResumableDataLoader
 from lightning_select.stats import LossHistory, SampleLossStore, SampleTable
 
 register_strategies()
@@ -51,6 +54,8 @@ __all__ = [
     "GuidedNegatives",
     "IndexedDataset",
     "LossHistory",
+    "PreemptionCheckpoint",
+    "ResumableDataLoader",
     "SampleLossStore",
     "SampleTable",
     "SelectionEngine",
@@ -60,6 +65,7 @@ __all__ = [
     "TransformerGuide",
     "SingleDeviceSelectStrategy",
     "StepContext",
+    "TrainingPreempted",
     "batch_size_of",
     "apply_gist",
     "build_logits",

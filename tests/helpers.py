@@ -171,3 +171,16 @@ class CloseProcessGroup(pl.Callback):
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+class SignalAt(pl.Callback):
+    """Sends a real signal to this process at the start of global step ``step`` (on ``rank`` only, if given)."""
+
+    def __init__(self, step: int, signum: int = 15, rank: Optional[int] = None) -> None:
+        self.step, self.signum, self.rank = step, signum, rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and (self.rank is None or trainer.global_rank == self.rank):
+            import os
+
+            os.kill(os.getpid(), self.signum)

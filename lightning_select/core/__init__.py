@@ -5,16 +5,19 @@ from lightning_select.core.batch import IndexedDataset, batch_size_of, get_indic
 from lightning_select.core.context import SelectionError, StepContext, training_loss_of
 from lightning_select.core.engine import SelectionEngine
 from lightning_select.core.policy import SelectionPolicy
+from lightning_select.core.preemption import PreemptionCheckpoint, TrainingPreempted
 from lightning_select.core.strategies import DDPSelectStrategy, SingleDeviceSelectStrategy, register_strategies
 
 __all__ = [
     "DDPSelectStrategy",
     "IndexedDataset",
+    "PreemptionCheckpoint",
     "SelectionEngine",
     "SelectionError",
     "SelectionPolicy",
     "SingleDeviceSelectStrategy",
     "StepContext",
+    "TrainingPreempted",
     "batch_size_of",
     "get_indices",
     "register_strategies",

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_select.core.batch import IndexedDataset
 from lightning_select.samplers.epoch import shuffled_loader_kwargs
+from lightning_select.samplers.resumable import ResumableDataLoader
 
 _MASK64 = (1 << 63) - 1
 
@@ -128,7 +129,7 @@ class DigitsPairsDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
         world = self.trainer.world_size if self.trainer is not None else 1
-        return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=False,
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=False,
                           **shuffled_loader_kwargs(len(self.train_set), self.seed, world))
 
     def val_dataloader(self) -> DataLoader:

@@ -28,6 +28,7 @@ from lightning_select.core.batch import IndexedDataset
 from lightning_select.data.files import DEFAULT_DATA_DIR, QUORA_FILE, load_sick, quora_from_hf, read_quora_tsv, require_file
 from lightning_select.samplers.clustering import cluster_arrays
 from lightning_select.samplers.epoch import shuffled_loader_kwargs
+from lightning_select.samplers.resumable import ResumableDataLoader
 from lightning_select.samplers.no_duplicates import NoDuplicatesBatchSampler
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,9 +110,9 @@ class _TextPairsDataModule(pl.LightningDataModule):
                 world, rank = self.trainer.world_size, self.trainer.global_rank
             sampler = NoDuplicatesBatchSampler(self.train_keys.tolist(), self.batch_size, seed=self.seed,
                                                num_replicas=world, rank=rank)
-            return DataLoader(self.train_set, batch_sampler=sampler)
+            return ResumableDataLoader(self.train_set, batch_sampler=sampler)
         world = self.trainer.world_size if self.trainer is not None else 1
-        return DataLoader(self.train_set, batch_size=self.batch_size, drop_last=False,
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, drop_last=False,
                           **shuffled_loader_kwargs(len(self.train_set), self.seed, world))
 
     def val_dataloader(self) -> DataLoader:

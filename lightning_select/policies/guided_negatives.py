@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lightning_select.core import SelectionError, SelectionPolicy, StepContext
 from lightning_select.core.engine import override
+from lightning_select.core.preemption import TrainingPreempted
 from lightning_select.guides.cache import GuideEmbeddingCache
 from lightning_select.guides.lookup import GuideLookup
 from lightning_select.rules.contrastive import ContrastiveLogits, LogitBlock
@@ -174,6 +175,12 @@ class GuidedNegatives(SelectionPolicy):
         self.lookup.flush()
         if self.flagged_pairs_path and trainer.is_global_zero:
             self.export_flagged_pairs(self.flagged_pairs_path)
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        """After a pre-emption the flagged pairs are exported as far as they got."""
+        if isinstance(exception, TrainingPreempted):
+            self.on_train_end(trainer, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -3,10 +3,13 @@
 from lightning_select.samplers.clustering import cluster_arrays, quora_clusters
 from lightning_select.samplers.epoch import EpochSeededSampler, epoch_generator, shuffled_loader_kwargs
 from lightning_select.samplers.no_duplicates import NoDuplicatesBatchSampler
+from lightning_select.samplers.resumable import ResumableDataLoader, SkipFirst
 
 __all__ = [
     "EpochSeededSampler",
     "NoDuplicatesBatchSampler",
+    "ResumableDataLoader",
+    "SkipFirst",
     "cluster_arrays",
     "epoch_generator",
     "quora_clusters",

@@ -108,8 +108,13 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         self._cache = (self.epoch, batches)
         return batches
 
+    def skip_batches(self, count: int) -> None:
+        """Leave out the first ``count`` batches of the next iteration (mid-epoch resume)."""
+        self._skip = count
+
     def __iter__(self) -> Iterator[list[int]]:
-        return iter([list(b) for b in self._batches()])
+        skip, self._skip = getattr(self, "_skip", 0), 0
+        return iter([list(b) for b in self._batches()[skip:]])
 
     def __len__(self) -> int:
         return len(self._batches())

@@ -45,6 +45,7 @@ from torch import Tensor
 from lightning_select.core import SelectionError, SelectionPolicy, StepContext
 from lightning_select.core.engine import override
 from lightning_select.core.distributed import train_dataset_size
+from lightning_select.core.preemption import TrainingPreempted
 from lightning_select.io import write_table
 from lightning_select.stats.table import SampleTable
 
@@ -265,6 +266,12 @@ class LossHistory(SelectionPolicy):
         self.flush()
         if self.export_path and trainer.is_global_zero and self._store is not None:
             self._store.export(self.export_path)
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        """After a pre-emption the table is exported as far as it got (the checkpoint holds it too)."""
+        if isinstance(exception, TrainingPreempted):
+            self.on_train_end(trainer, pl_module)
 
     def observe(self, ctx: StepContext) -> None:
         if self._store is None:
