@@ -225,6 +225,42 @@ def registry_scenario():
     return out
 
 
+def preemption_scenario():
+    """A real SIGTERM to rank 1 only, mid-epoch: both ranks stop together with one checkpoint (no deadlock),
+    and resuming from it reproduces the uninterrupted run."""
+    import time
+
+    from helpers import SignalAt
+
+    from lightning_select import PreemptionCheckpoint, TrainingPreempted
+
+    def run(name, ckpt_path=None, signal_at=None):
+        pl.seed_everything(0)
+        history, selector = LossHistory(), RandomHalf(seed=5)
+        callbacks = [SelectionEngine(), selector, history, PreemptionCheckpoint(dirpath=str(OUT / name))]
+        if signal_at is not None:
+            callbacks.append(SignalAt(signal_at, rank=1))
+        model = DigitsEmbeddingModule()
+        trainer(callbacks, max_epochs=2).fit(model, DigitsPairsDataModule(batch_size=64), ckpt_path=ckpt_path)
+        return model, history, selector
+
+    full_model, full_hist, full_sel = run("pre_full")
+    start = time.monotonic()
+    try:
+        run("pre_killed", signal_at=9)
+        code = None
+    except TrainingPreempted as stop:
+        code = stop.code
+    elapsed = time.monotonic() - start
+    res_model, res_hist, res_sel = run("pre_resumed", ckpt_path=OUT / "pre_killed" / "last.ckpt")
+    return {"code": code, "elapsed": elapsed, "full": full_hist.store.state_dict(),
+            "resumed": res_hist.store.state_dict(),
+            "full_selected": [s.tolist() for s in full_sel.selected[-len(res_sel.selected):]],
+            "resumed_selected": [s.tolist() for s in res_sel.selected],
+            "params": [(p.detach().clone(), q.detach().clone())
+                       for p, q in zip(full_model.parameters(), res_model.parameters())]}
+
+
 def main():
     global OUT
     OUT = Path(sys.argv[1])
@@ -262,6 +298,7 @@ def main():
     results["lone_rank_nan"] = lone_rank_nan_scenario()
     results["gist_shared_cache"] = gist_shared_cache_scenario()
     results["registry"] = registry_scenario()
+    results["preemption"] = preemption_scenario()
     results["gist_uneven"] = gist_uneven_scenario()  # last: it ends a fit with an exception
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(results, OUT / f"rank{rank}.pt")

@@ -162,6 +162,17 @@ def test_shared_guide_cache_embeds_each_sample_once_and_trains_like_a_per_rank_c
             assert torch.equal(p, q), (variant, r, (p - q).abs().max())
 
 
+def test_sigterm_to_one_rank_stops_every_rank_and_resumes_exactly(ranks):
+    """Stock Lightning 2.6 deadlocks here (its SIGTERM handler broadcasts from one rank only)."""
+    for r in range(2):
+        res = ranks[r]["preemption"]
+        assert res["code"] == 143, res["code"]  # 128 + SIGTERM on both ranks, although only rank 1 got it
+        assert res["elapsed"] < 60
+        _assert_tensors_equal(res["full"], res["resumed"])
+        assert res["full_selected"] == res["resumed_selected"] and len(res["resumed_selected"]) == 24 - 10
+        assert all(torch.equal(p, q) for p, q in res["params"])
+
+
 def test_gist_gather_rejects_uneven_batches_on_every_rank(ranks):
     for r in range(2):
         assert "same number of rows on every rank" in ranks[r]["gist_uneven"], ranks[r]["gist_uneven"]
