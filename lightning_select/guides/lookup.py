@@ -65,9 +65,11 @@ class GuideLookup:
 
     * ``cache="disk"``: one cache in ``cache_dir`` that every rank of the node maps (with several
       nodes, ``cache_dir/node{node_rank}``, so nodes sharing a file system never write the same
-      files). Local rank 0 alone validates it (fingerprint, shape, dtype; a mismatch discards it)
-      and creates it, embedding its first batch to learn the embedding size; the other ranks wait
-      at a barrier, then open it. With ``precompute`` local rank ``r`` of ``W`` embeds
+      files). Local rank 0 alone validates it (fingerprint, shape, dtype; a mismatch discards it;
+      damaged files or rows are repaired or rebuilt with a warning, see
+      :class:`~lightning_select.guides.cache.GuideEmbeddingCache`) and creates it, embedding its
+      first batch to learn the embedding size; the other ranks wait at a barrier, then open it (a
+      rank that then finds the files damaged makes every rank raise, after one ``all_gather``). With ``precompute`` local rank ``r`` of ``W`` embeds
       ``shard_rows(missing, r, W)`` of the rows still missing, writing disjoint rows in place;
       after a barrier every rank re-maps the complete cache. During training a rank that misses a
       row (no ``precompute``, or a row that was not filled) runs the guide itself and writes the row
@@ -211,6 +213,16 @@ class GuideLookup:
         barrier("lightning_select.guide_cache.opened")  # all ranks saw the same files: the same `todo`
         cache = self.cache
         assert cache is not None
+        # A rank that found the files damaged after local rank 0 checked them refuses them; one collective
+        # tells every rank, so all raise now instead of some waiting alone at a later barrier.
+        refused = trainer.strategy.all_gather(torch.tensor([int(cache.problem is not None)], device=device))
+        if bool(refused.any()):
+            if cache.problem is not None:
+                raise cache.damage_error()
+            raise SelectionError(
+                f"Another rank found the shared guide-embedding cache in {directory} damaged after local rank 0 "
+                "checked it (its error names the file and the cause): delete the directory or pass a fresh cache_dir."
+            )
         todo = cache.missing_rows()
         shard = shard_rows(todo, rank, world) if self.precompute else todo[:0]
         done = 0

@@ -8,7 +8,6 @@ logit edit, the cross-device candidates and the logging.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
@@ -19,6 +18,14 @@ from torch import Tensor, nn
 
 from lightning_select.core import SelectionError, SelectionPolicy, StepContext
 from lightning_select.core.engine import override
+from lightning_select.core.options import (
+    bool_option,
+    int_option,
+    path_option,
+    real_option,
+    str_list_option,
+    str_option,
+)
 from lightning_select.core.preemption import TrainingPreempted
 from lightning_select.guides.cache import GuideEmbeddingCache
 from lightning_select.guides.lookup import GuideLookup
@@ -114,14 +121,23 @@ class GuidedNegatives(SelectionPolicy):
         mini_batch_size: Optional[int] = None,
         record_flagged_pairs: Optional[bool] = None,
     ) -> None:
-        if mini_batch_size is not None and mini_batch_size < 1:
+        who = type(self).__name__
+        anchor_column, positive_column = str_option(who, "anchor_column", anchor_column), str_option(
+            who, "positive_column", positive_column)
+        negative_columns = str_list_option(who, "negative_columns", negative_columns)
+        margin = real_option(who, "margin", margin)
+        temperature = real_option(who, "temperature", temperature, optional=True)
+        for name, flag in (("contrast_anchors", contrast_anchors), ("contrast_positives", contrast_positives),
+                           ("mask_self", mask_self), ("gather_across_devices", gather_across_devices)):
+            bool_option(who, name, flag)
+        int_option(who, "max_flagged_pairs", max_flagged_pairs, minimum=0)
+        flagged_pairs_path = path_option(who, "flagged_pairs_path", flagged_pairs_path)
+        if mini_batch_size is not None and int_option(who, "mini_batch_size", mini_batch_size) < 1:
             raise ValueError(f"Expected `mini_batch_size` >= 1 (or None), but got {mini_batch_size}.")
         if margin_strategy not in MARGIN_STRATEGIES:
             raise ValueError(f"Expected `margin_strategy` in {MARGIN_STRATEGIES}, but got {margin_strategy!r}.")
-        if temperature is not None and not (temperature > 0 and math.isfinite(temperature)):
+        if temperature is not None and temperature <= 0:
             raise ValueError(f"Expected `temperature` > 0 (or None to use the output's), but got {temperature!r}.")
-        if not math.isfinite(margin):
-            raise ValueError(f"Expected a finite `margin`, but got {margin!r}.")
         self.lookup = GuideLookup(guide, [anchor_column, positive_column, *negative_columns], cache, cache_dtype,
                                   cache_dir, precompute, fingerprint, owner=type(self).__name__)
         self.columns = self.lookup.columns

@@ -23,6 +23,8 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -30,10 +32,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+_WARNED_NO_ENGINE = False
 
-@dataclass
-class EmbeddingOutput:
+
+@dataclass(eq=False)
+class EmbeddingOutput(Mapping):
     """What a contrastive ``training_step`` returns.
+
+    With a lightning_select engine installed (any policy, or a ``SelectionEngine`` callback) the
+    engine builds the logits, lets policies edit them and reduces them. Without one, the output is
+    still a valid Lightning ``training_step`` result: it is a read-only mapping whose only key,
+    ``"loss"``, is the mean in-batch InfoNCE (MNRL) loss, so a stock ``Trainer`` trains plain
+    in-batch contrastive learning. A one-time warning then says that no policy is active.
 
     Args:
         anchor: ``[B, D]`` anchor embeddings (need not be normalised).
@@ -66,6 +76,30 @@ class EmbeddingOutput:
                     f"Expected `negatives` to be [B, D] or [B, K, D] with B={self.anchor.shape[0]}, "
                     f"D={self.anchor.shape[1]}, but got {tuple(self.negatives.shape)}."
                 )
+
+    # ------------------------------------------------------------------ the Mapping Lightning reads
+    def __getitem__(self, key: str) -> Tensor:
+        if key != "loss":
+            raise KeyError(key)
+        global _WARNED_NO_ENGINE
+        if not _WARNED_NO_ENGINE:
+            _WARNED_NO_ENGINE = True
+            warnings.warn(
+                "lightning_select: training_step returned an EmbeddingOutput but no lightning_select engine is "
+                "installed, so it trains as plain in-batch InfoNCE (MNRL). Add a policy callback (e.g. "
+                "GuidedNegatives, LossHistory) or SelectionEngine() to the Trainer to select, weight or filter.",
+                UserWarning,
+            )
+        return info_nce_per_row(self).mean()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("loss",))
+
+    __eq__ = object.__eq__  # identity: comparing outputs must not compute a loss
+    __hash__ = object.__hash__
+
+    def __len__(self) -> int:
+        return 1
 
     @property
     def num_negative_columns(self) -> int:

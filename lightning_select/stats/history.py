@@ -45,6 +45,7 @@ from torch import Tensor
 from lightning_select.core import SelectionError, SelectionPolicy, StepContext
 from lightning_select.core.engine import override
 from lightning_select.core.distributed import train_dataset_size
+from lightning_select.core.options import int_option, path_option, real_option
 from lightning_select.core.preemption import TrainingPreempted
 from lightning_select.io import write_table
 from lightning_select.stats.table import SampleTable
@@ -208,11 +209,13 @@ class LossHistory(SelectionPolicy):
 
     def __init__(self, num_samples: Optional[int] = None, ema_decay: float = 0.9, trace_epochs: int = 0,
                  capacity: Optional[int] = None, export_path: Optional[str] = None, flush_every: int = 32) -> None:
-        SampleLossStore(1, ema_decay, trace_epochs)  # validate arguments now, not at the first step
-        if flush_every < 1:
-            raise ValueError(f"Expected `flush_every` >= 1, but got {flush_every}.")
-        if capacity is not None and capacity < 1:
-            raise ValueError(f"Expected `capacity` >= 1 (or None to agree on it every step), but got {capacity}.")
+        int_option("LossHistory", "num_samples", num_samples, minimum=1, optional=True)
+        ema_decay = real_option("LossHistory", "ema_decay", ema_decay)
+        int_option("LossHistory", "trace_epochs", trace_epochs, minimum=0)
+        int_option("LossHistory", "flush_every", flush_every, minimum=1)
+        int_option("LossHistory", "capacity", capacity, minimum=1, optional=True)
+        export_path = path_option("LossHistory", "export_path", export_path)
+        SampleLossStore(1, ema_decay, trace_epochs)  # validate the values now, not at the first step
         self.num_samples, self.ema_decay, self.trace_epochs = num_samples, ema_decay, trace_epochs
         self.gather_capacity = capacity
         self.export_path, self.flush_every = export_path, flush_every
