@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from helpers import (  # noqa: E402
+    RankBatches,
     GradCapture,
     IndexWeights,
     KeepWhere,
@@ -146,19 +147,6 @@ def no_duplicates_scenario():
     trainer([SelectionEngine(), LossHistory(), keys], max_epochs=1, use_distributed_sampler=False).fit(
         TextEmbeddingModule(student_path=str(data / "models" / "minilm-l6-m2v-128d")), dm)
     return {"batches": keys.batches, "num_samples": len(dm.train_set)}
-
-
-class RankBatches(torch.utils.data.Sampler):
-    """Per-rank batches of indices (no DistributedSampler): lets one rank get a larger batch."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
 
 
 def _raised(fn):

@@ -184,3 +184,16 @@ class SignalAt(pl.Callback):
             import os
 
             os.kill(os.getpid(), self.signum)
+
+
+class RankBatches(torch.utils.data.Sampler):
+    """Per-rank batches of dataset positions (no DistributedSampler): lets one rank get another batch size."""
+
+    def __init__(self, batches: list[list[int]]) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

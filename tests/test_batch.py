@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lightning_select import IndexedDataset, batch_size_of, get_indices, select_batch
+from lightning_select.core.batch import SampleIndex
 
 
 def test_indexed_dataset_adds_index_to_every_item_kind():
@@ -25,15 +26,19 @@ def test_indexed_dataset_rejects_existing_key_and_non_map_style():
 def test_get_indices_dict_tuple_and_custom_key():
     assert get_indices({"x": torch.zeros(3), "index": torch.tensor([4, 5, 6])}).tolist() == [4, 5, 6]
     assert get_indices({"id": [1, 2]}, "id").tolist() == [1, 2]
-    assert get_indices((torch.zeros(2), torch.tensor([7, 8]))).tolist() == [7, 8]
+    assert get_indices((torch.zeros(2), SampleIndex([7, 8]))).tolist() == [7, 8]  # marked element
+    assert get_indices((torch.zeros(2), torch.tensor([7, 8])), -1).tolist() == [7, 8]  # explicit position
     assert get_indices([torch.tensor([3, 4]), torch.zeros(2)], 0).tolist() == [3, 4]
 
 
 def test_missing_index_names_the_key_and_the_fix():
     with pytest.raises(KeyError, match=r"no sample-index key 'index'.*IndexedDataset"):
         get_indices({"x": torch.zeros(2)})
-    with pytest.raises(TypeError, match="1-d integer tensor"):
-        get_indices((torch.zeros(2), torch.zeros(2)))
+    # an unmarked last element is no longer taken as the index (issue 7): it may be the labels
+    with pytest.raises(KeyError, match=r"no marked sample indices.*IndexedDataset.*index_key"):
+        get_indices((torch.zeros(2), torch.tensor([0, 1])))
+    with pytest.raises(KeyError, match="1-d integer tensor"):
+        get_indices((torch.zeros(2), torch.zeros(2)), 1)
     with pytest.raises(KeyError, match="Cannot find sample indices"):
         get_indices(torch.zeros(2))
 

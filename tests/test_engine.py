@@ -118,7 +118,8 @@ def test_missing_index_is_a_clear_error(trainer_kwargs):
         def training_step(self, batch, batch_idx):
             return (self.net(batch[0]).squeeze(-1) - batch[1]) ** 2
 
-    with pytest.raises(TypeError, match="1-d integer tensor"):
+    # the float labels are no longer taken as indices: no element of the tuple batch is marked (issue 7)
+    with pytest.raises(KeyError, match=r"no marked sample indices.*IndexedDataset"):
         fit(TupleModel(), [LossHistory()], trainer_kwargs, loader=DataLoader(ds, batch_size=4))
     with pytest.raises(KeyError, match="IndexedDataset"):
         fit(PerSampleRegressor(), [LossHistory()], trainer_kwargs,

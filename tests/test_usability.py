@@ -1,8 +1,6 @@
 """What a new user meets: option types named at construction, clear errors, plain InfoNCE without a
 policy, resume paths, and the end of a run."""
 
-import warnings
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -13,7 +11,7 @@ from test_hydra import _compose
 
 from lightning_select import GuidedNegatives, LossHistory, PreemptionCheckpoint, SelectionEngine, SelectionError
 from lightning_select.cli import resolve_ckpt_path, run
-from lightning_select.data import DigitsLDAGuide, DigitsPairsDataModule
+from lightning_select.data import DigitsPairsDataModule
 from lightning_select.models import DigitsEmbeddingModule
 from lightning_select.rules import contrastive
 

@@ -1,7 +1,14 @@
 """The engine core: step context, policy base class, the per-step engine, gradient caching,
 strategies and batch plumbing. Pure tensor rules live in :mod:`lightning_select.rules`."""
 
-from lightning_select.core.batch import IndexedDataset, batch_size_of, get_indices, select_batch
+from lightning_select.core.batch import (
+    IndexedDataset,
+    SampleIndex,
+    SampleIndexError,
+    batch_size_of,
+    get_indices,
+    select_batch,
+)
 from lightning_select.core.context import SelectionError, StepContext, training_loss_of
 from lightning_select.core.engine import SelectionEngine
 from lightning_select.core.policy import SelectionPolicy
@@ -12,6 +19,8 @@ __all__ = [
     "DDPSelectStrategy",
     "IndexedDataset",
     "PreemptionCheckpoint",
+    "SampleIndex",
+    "SampleIndexError",
     "SelectionEngine",
     "SelectionError",
     "SelectionPolicy",

@@ -15,7 +15,8 @@ runs these stages, in order (one method each in :meth:`SelectionEngine.run_step`
 5. **Weights**: the product of every policy's ``sample_weights``.
 6. **Reduction** to one scalar, globally normalised under DDP (:mod:`~lightning_select.rules.reduction`).
    Its single all-reduce also carries every cross-rank decision of the step: whether any rank saw a
-   non-finite loss, and how many rows each rank trained (the agreed size of the observers' gather).
+   non-finite loss, how many rows each rank trained (the agreed size of the observers' gather), and
+   whether any rank refused its batch's sample indices (negative or repeated values).
 7. **Observers**: one gather of every rank's trained rows (``ctx.gathered``) when an observer needs
    it, then each policy's ``observe`` (e.g. :class:`~lightning_select.stats.history.LossHistory`).
 
@@ -51,7 +52,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_select.core.batch import IndexKey, batch_size_of, get_indices, select_batch
+from lightning_select.core.batch import (
+    INDEX_REFUSALS,
+    IndexKey,
+    SampleIndexError,
+    batch_size_of,
+    get_indices,
+    index_value_problem,
+    select_batch,
+)
 from lightning_select.core.context import SelectionError, StepContext, training_loss_of
 from lightning_select.core.distributed import exchange_bad_rows
 from lightning_select.core.grad_cache import GradCache
@@ -75,7 +84,14 @@ class SelectionEngine(Callback):
     """Runs the per-step pipeline for every policy in the trainer.
 
     Args:
-        index_key: where batches carry sample indices (dict key, or tuple position).
+        index_key: where batches carry sample indices: the dict key, or an explicit int position in a
+            tuple/list batch. Tuple/list batches otherwise carry them as a
+            :class:`~lightning_select.core.batch.SampleIndex` element (see ``IndexedDataset``); an
+            unmarked element is never read as indices.
+        allow_repeated_indices: accept a sample index that occurs twice in one batch. Off by default:
+            samplers without replacement (``DistributedSampler`` included) never repeat a sample
+            within a batch, and a repeat usually means a label column is being read as indices. Set
+            it for samplers that draw with replacement (``WeightedRandomSampler(replacement=True)``).
         nan_policy: what to do with a non-finite per-sample loss: ``"raise"`` (default; nothing is
             recorded for the step) or ``"skip"`` (warn, log ``select/nonfinite_count`` and re-run the
             step without those samples, so that no NaN reaches the gradient or any history).
@@ -98,7 +114,10 @@ class SelectionEngine(Callback):
         nan_policy: Literal["raise", "skip"] = "raise",
         log_every_n_steps: Optional[int] = None,
         embedding_chunk_size: Optional[int] = None,
+        allow_repeated_indices: bool = False,
     ) -> None:
+        if isinstance(index_key, bool) or not isinstance(index_key, (str, int)):
+            raise TypeError(f"Expected `index_key` to be a dict key (str) or a tuple position (int): {index_key!r}.")
         if embedding_chunk_size is not None and embedding_chunk_size < 1:
             raise ValueError(f"Expected `embedding_chunk_size` >= 1 (or None), but got {embedding_chunk_size}.")
         if nan_policy not in ("raise", "skip"):
@@ -107,6 +126,8 @@ class SelectionEngine(Callback):
             raise ValueError(f"Expected `log_every_n_steps` >= 1, but got {log_every_n_steps}.")
         self.embedding_chunk_size = embedding_chunk_size
         self.index_key = index_key
+        self.allow_repeated_indices = bool(allow_repeated_indices)
+        self._index_problem: Optional[tuple[str, list[int]]] = None  # this rank's refused indices (see _reduce)
         self.nan_policy = nan_policy
         self.log_every_n_steps = log_every_n_steps
         self.policies: list["SelectionPolicy"] = []
@@ -177,8 +198,10 @@ class SelectionEngine(Callback):
         self._score(ctx, policies, step)                     # 1
         subset = self._select(ctx, policies)                 # 2
         loss = self._train(ctx, policies, step, subset)      # 3-6
-        if loss is None:
-            return ctx.output  # a scalar loss, and no policy needs per-sample values
+        if loss is None:  # a scalar loss, and no policy needs per-sample values
+            if self._index_problem is not None:  # no reduction to agree on: raise here (see _checked_indices)
+                self._raise_refused_indices(ctx, None)
+            return ctx.output
         self._observe(ctx, policies)                         # 7
         self._log(ctx)
         return {**ctx.output, "loss": loss} if isinstance(ctx.output, dict) else loss
@@ -195,11 +218,62 @@ class SelectionEngine(Callback):
             raise SelectionError(
                 f"The batch holds {size} samples but {indices.shape[0]} sample indices; every sample needs one index."
             )
+        self._index_problem = None
+        if policies:
+            indices = self._checked_indices(trainer, batch_idx, indices)
         every = self.log_every_n_steps or trainer.log_every_n_steps
         return StepContext(
             trainer=trainer, module=module, batch=batch, batch_idx=batch_idx, indices=indices, batch_size=size,
             rows=torch.arange(size, device=indices.device),
             should_log=trainer.logger is not None and batch_idx % every == 0,
+        )
+
+    def _checked_indices(self, trainer: "pl.Trainer", batch_idx: int, indices: Tensor) -> Tensor:
+        """Refuse negative and (unless ``allow_repeated_indices``) repeated indices before anything runs.
+
+        Missing, float/bool and misshapen indices were already refused by ``get_indices``; they depend
+        only on the dataset and collate function, so every rank raises them at the same point, before
+        any collective. Values can differ between ranks, so under DDP a refused batch is not raised
+        here (this rank alone would raise while the others wait in the reduction's all-reduce): the
+        verdict rides on that all-reduce (:meth:`_index_verdicts`) and every rank raises together,
+        before any observer records or any gradient exists. Until then this rank runs on stand-in
+        indices clamped to ``>= 0``. In one process the error is raised at once.
+        """
+        self._index_problem = index_value_problem(indices, self.allow_repeated_indices)
+        if self._index_problem is None:
+            return indices
+        if trainer.world_size == 1:
+            kind, values = self._index_problem
+            raise SampleIndexError(
+                f"Refused the sample indices of batch {batch_idx}: {INDEX_REFUSALS[kind]}. Offending values: "
+                f"{values}. Nothing was recorded for this step."
+            )
+        return indices.clamp(min=0)
+
+    def _index_verdicts(self, ctx: StepContext, like: Tensor) -> Tensor:
+        """``[W]`` zeros, with this rank's refusal code (1 + position in ``INDEX_REFUSALS``) at its rank."""
+        verdicts = like.new_zeros(ctx.world_size)
+        if self._index_problem is not None:
+            verdicts[ctx.trainer.global_rank] = 1.0 + list(INDEX_REFUSALS).index(self._index_problem[0])
+        return verdicts.detach()
+
+    def _raise_refused_indices(self, ctx: StepContext, verdicts: Optional[Tensor]) -> None:
+        """Raise the same :class:`SampleIndexError` on every rank if any rank refused its indices.
+
+        ``verdicts`` is the all-reduced :meth:`_index_verdicts`; None raises for this rank alone."""
+        if verdicts is None:
+            assert self._index_problem is not None
+            codes = {ctx.trainer.global_rank: 1 + list(INDEX_REFUSALS).index(self._index_problem[0])}
+        else:
+            codes = {r: int(round(v)) for r, v in enumerate(verdicts.tolist()) if v > 0}
+        if not codes:
+            return
+        kinds = list(INDEX_REFUSALS)
+        what = "; ".join(f"rank {r}: {INDEX_REFUSALS[kinds[c - 1]]}" for r, c in codes.items())
+        detail = f" This rank's offending values: {self._index_problem[1]}." if self._index_problem else ""
+        raise SampleIndexError(
+            f"Rank(s) {list(codes)} refused their sample indices at batch {ctx.batch_idx} ({what}). Every rank stops "
+            f"here; nothing was recorded for this step.{detail}"
         )
 
     def _score(self, ctx: StepContext, policies: list["SelectionPolicy"], step: Callable[[Any], Any]) -> None:
@@ -274,10 +348,13 @@ class SelectionEngine(Callback):
             counts = losses.new_zeros(world_size)
             counts[ctx.trainer.global_rank] = float(ctx.rows.numel()) if ctx.has_samples else 0.0
             parts.append(counts.detach())
+        if world_size > 1:  # each rank's index verdict (see _checked_indices), so a refused batch stops every rank
+            parts.append(self._index_verdicts(ctx, losses))
         totals = torch.cat(parts)
         if world_size > 1:
             totals = ctx.trainer.strategy.reduce(totals, reduce_op="sum")
-            self._rows_per_rank = totals[2:].round().long().cpu() if gather else None
+            self._raise_refused_indices(ctx, totals[-world_size:])
+            self._rows_per_rank = totals[2:-world_size].round().long().cpu() if gather else None
         return normalise(numerator, totals[0], world_size), bool(torch.isfinite(totals[1]))
 
     def _observe(self, ctx: StepContext, policies: list["SelectionPolicy"]) -> None:
