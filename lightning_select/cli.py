@@ -90,7 +90,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Seed, build data/model/callbacks/loggers/trainer from ``cfg``, fit, and return final metrics."""
     if cfg.trainer.get("max_epochs") == 0:
         raise ValueError("trainer.max_epochs=0 trains nothing; set trainer.max_epochs to 1 or more.")
-    output_dir = Path(cfg.paths.output_dir)
+    output_dir = Path(cfg.paths.get("output_dir") or ".")
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path("outputs") / str(cfg.task_name))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)

@@ -197,3 +197,16 @@ class RankBatches(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+class LastCheckpointProbe(pl.Callback):
+    """Records, at the start of every epoch after the first, whether ``checkpoints/last.ckpt`` exists yet."""
+
+    seen: list = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        import os
+
+        if trainer.current_epoch > 0:
+            path = os.path.join(trainer.checkpoint_callback.dirpath, "last.ckpt")
+            LastCheckpointProbe.seen.append((trainer.current_epoch, os.path.exists(path)))

@@ -86,3 +86,17 @@ def test_train_py_sigterm_then_resume_with_one_command(tmp_path):
                                          if line.startswith("[lightning_select] final held-out")]
     assert "resuming from" in resumed.stdout and "outputs: run folder" in killed.stdout
     assert "final held-out metrics" in (tmp_path / "full" / "train.log").read_text()  # also in the run's log
+
+
+def test_shipped_config_keeps_last_ckpt_current_during_training(tmp_path):
+    """conf/callbacks/default.yaml writes last.ckpt at every epoch end, not only when training ends."""
+    from helpers import LastCheckpointProbe
+    from test_hydra import _compose
+
+    from lightning_select.cli import run
+
+    LastCheckpointProbe.seen = []
+    cfg = _compose(["trainer.max_epochs=3", "+callbacks.probe._target_=helpers.LastCheckpointProbe",
+                    f"hydra.run.dir={tmp_path}", f"paths.output_dir={tmp_path}", "logger=csv"])
+    run(cfg)
+    assert LastCheckpointProbe.seen == [(1, True), (2, True)]
