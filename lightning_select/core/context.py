@@ -42,6 +42,8 @@ class StepContext:
         phase: ``"score"`` during the no-grad scoring pass (stage 1), ``"train"`` afterwards. Policies
             that record what was trained on check ``ctx.phase == "train"``.
         scores: ``[B]`` per-sample losses of the scoring pass (when a policy asked for it).
+        score_output: the raw ``training_step`` output of the scoring pass (no grad), e.g. a dict
+            with ``"logits"`` for policies that score with the softmax (see :meth:`output_field`).
         losses, weights: ``[len(rows)]`` per-sample losses and the final weights of the trained rows.
         has_samples: False when every row was deselected on this rank; one row is then trained with
             weight 0 so that DDP still sees every parameter and the gradient is not halved.
@@ -60,6 +62,7 @@ class StepContext:
     rows: Tensor
     phase: Phase = "train"
     scores: Optional[Tensor] = None
+    score_output: Any = None
     sub_batch: Any = None
     output: Any = None
     logits: Optional[ContrastiveLogits] = None
@@ -77,6 +80,24 @@ class StepContext:
         if not isinstance(out, EmbeddingOutput):
             raise SelectionError(f"training_step returned {type(out).__name__}, not an EmbeddingOutput.")
         return out
+
+    def output_field(self, name: str, phase: Optional[Phase] = None) -> Optional[Tensor]:
+        """``training_step``'s extra output ``name`` (e.g. ``"logits"``) of the scoring pass
+        (``phase="score"``) or of the training pass (``"train"``; default: the current phase).
+
+        A module returns extras next to its per-sample loss: ``{"loss": losses, "logits": logits}``.
+        None when the output is not a dict or has no such key.
+
+        Example::
+
+            >>> ctx = StepContext(None, None, None, 0, torch.arange(2), 2, torch.arange(2),
+            ...                   output={"loss": torch.ones(2), "logits": torch.zeros(2, 3)})
+            >>> ctx.output_field("logits").shape
+            torch.Size([2, 3])
+        """
+        out = self.score_output if phase == "score" and self.phase == "train" else self.output
+        value = out.get(name) if isinstance(out, dict) else None
+        return value if isinstance(value, Tensor) else None
 
     @property
     def sample_weights(self) -> Tensor:

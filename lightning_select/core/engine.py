@@ -289,7 +289,8 @@ class SelectionEngine(Callback):
             ctx.output = step(ctx.batch)
             scores = self._per_sample_losses(ctx, policies, [type(p).__name__ for p in scorers], ctx.batch_size)
         assert scores is not None  # _per_sample_losses raised for a scalar
-        ctx.scores, ctx.logits, ctx.output, ctx.phase = scores.detach(), None, None, "train"
+        ctx.score_output, ctx.output = ctx.output, None
+        ctx.scores, ctx.logits, ctx.phase = scores.detach(), None, "train"
 
     @staticmethod
     def _select(ctx: StepContext, policies: list["SelectionPolicy"]) -> bool:
