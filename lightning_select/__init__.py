@@ -28,7 +28,9 @@ from lightning_select.core import (
     select_batch,
 )
 from lightning_select.guides import GuideEmbeddingCache, SentenceTransformerGuide, TransformerGuide, load_guide
-from lightning_select.policies import GuidedNegatives
+from lightning_select.policies import GuidedNegatives, ImportanceSampling
+from lightning_select.policies import SelectionAudit
+from lightning_select.policies import SelectiveBackprop, UniformSubset
 from lightning_select.rules import (
     ContrastiveLogits,
     EmbeddingOutput,
@@ -54,6 +56,7 @@ __all__ = [
     "EmbeddingOutput",
     "GuideEmbeddingCache",
     "GuidedNegatives",
+    "ImportanceSampling",
     "IndexedDataset",
     "LossHistory",
     "PreemptionCheckpoint",
@@ -62,9 +65,12 @@ __all__ = [
     "SampleIndexError",
     "SampleLossStore",
     "SampleTable",
+    "SelectionAudit",
     "SelectionEngine",
     "SelectionError",
     "SelectionPolicy",
+    "SelectiveBackprop",
+    "UniformSubset",
     "SentenceTransformerGuide",
     "TransformerGuide",
     "SingleDeviceSelectStrategy",

@@ -38,6 +38,8 @@ class PolicyCase:
             the resume tests then xfail on :class:`PolicyStateDiffers` (raised for those keys only, so any
             other difference still fails). Empty when resume is exact.
         resume_bug_keys: the state keys the known bug affects.
+        hydra_kept_fraction: at most this share of each loaded batch is trained per step with the
+            selector's Hydra defaults (1.0: every row, checked exactly).
     """
 
     name: str
@@ -50,6 +52,7 @@ class PolicyCase:
     check: Callable[[dict[str, Tensor], int], None]
     resume_bug: str = ""
     resume_bug_keys: tuple[str, ...] = ()
+    hydra_kept_fraction: float = 1.0
 
 
 class PolicyStateDiffers(AssertionError):
@@ -100,6 +103,18 @@ def digits_task(batch_size: int = 256) -> tuple[pl.LightningModule, Any]:
 DIGITS_TRAIN_SIZE = 1437
 
 
+def noisy_digits_task(batch_size: int = 256) -> tuple[pl.LightningModule, Any]:
+    """Digits classification with 30% symmetric label noise (1149 training images, ``train_noisy_mask``
+    on the datamodule); ``training_step`` returns ``{"loss": [B], "logits": [B, 10]}``."""
+    from lightning_select.data.noisy_labels import NoisyDigitsDataModule
+    from lightning_select.models.classifier import NoisyLabelClassifier
+
+    return NoisyLabelClassifier(arch="mlp", hidden=32), NoisyDigitsDataModule(batch_size=batch_size)
+
+
+NOISY_DIGITS_TRAIN_SIZE = 1149
+
+
 # ---------------------------------------------------------------------------- LossHistory
 def _history_state(policies: list[pl.Callback]) -> dict[str, Tensor]:
     return flatten(policies[0].store.state_dict())
@@ -133,6 +148,67 @@ def _gist_check(state: dict[str, Tensor], epochs: int) -> None:
         assert torch.equal(state[f"pairs/{key}"], state[f"state/flagged_pairs/columns/{key}"]), key
 
 
+# ---------------------------------------------------------------------------- ImportanceSampling
+def _importance_policies() -> list[pl.Callback]:
+    from lightning_select import ImportanceSampling
+
+    # a low switch-on threshold so that the importance-sampled branch runs within the short fits
+    return [ImportanceSampling(keep=0.5, score="loss", tau_threshold=1.0001, seed=1)]
+
+
+def _importance_state(policies: list[pl.Callback]) -> dict[str, Tensor]:
+    return {"tau": torch.tensor([policies[0].tau], dtype=torch.float64)}
+
+
+def _importance_check(state: dict[str, Tensor], epochs: int) -> None:
+    assert float(state["tau"]) >= 1.0  # tau >= 1 by construction (uniform sampling gives exactly 1)
+
+
+# ---------------------------------------------------------------------------- SelectiveBackprop, UniformSubset
+DIGITS_STEPS_PER_EPOCH = 6  # 1437 rows in batches of 256: 5 full batches and one of 157
+
+
+def _sb_policies(**options: Any) -> list[pl.Callback]:
+    from lightning_select import SelectiveBackprop
+
+    return [SelectiveBackprop(**options)]
+
+
+def _uniform_policies() -> list[pl.Callback]:
+    from lightning_select import UniformSubset
+
+    return [UniformSubset(keep=0.25, seed=5)]
+
+
+def _sb_state(policies: list[pl.Callback]) -> dict[str, Tensor]:
+    """The loss history ring buffer, its next slot, the step count and (stale mode) the per-sample table."""
+    state = policies[0].state_dict()
+    out = {"history": state["history"].clone(), "history_next": torch.tensor(state["history_next"]),
+           "selecting_steps": torch.tensor(state["selecting_steps"])}
+    return {**out, **flatten(state["table"], "table")} if state["table"] is not None else out
+
+
+def _sb_check(state: dict[str, Tensor], epochs: int) -> None:
+    # the paper rule pushes every scored loss: all 1437 per epoch (single process), R = 1024
+    assert int(state["selecting_steps"]) == epochs * DIGITS_STEPS_PER_EPOCH
+    assert int(state["history_next"]) == epochs * DIGITS_TRAIN_SIZE % 1024
+    assert bool((state["history"] > 0).all())  # full, and InfoNCE losses are positive
+
+
+def _sb_stale_check(state: dict[str, Tensor], epochs: int) -> None:
+    # epoch 0 trains everything (no sample has a loss yet); later epochs push the stale scores of all rows
+    assert int(state["selecting_steps"]) == (epochs - 1) * DIGITS_STEPS_PER_EPOCH
+    assert int(state["history_next"]) == (epochs - 1) * DIGITS_TRAIN_SIZE % 1024
+    loss, epoch = state["table/columns/loss"], state["table/columns/epoch"]
+    assert bool(torch.isfinite(loss).all()) and int(epoch.min()) >= 0  # every sample was trained in epoch 0
+    assert 0 < int((epoch == epochs - 1).sum()) < DIGITS_TRAIN_SIZE  # the last epoch trained a subset only
+
+
+def _uniform_check(state: dict[str, Tensor], epochs: int) -> None:
+    assert int(state["steps"]) == epochs * DIGITS_STEPS_PER_EPOCH
+    assert int(state["kept_rows"]) == epochs * (5 * 64 + round(0.25 * 157))  # keep=0.25 of 5×256 + 157
+
+
 REGISTRY: list[PolicyCase] = [
     PolicyCase(
         name="gist", selector="gist", make_policies=_gist_policies, make_task=digits_task, state=_gist_state,
@@ -142,6 +218,30 @@ REGISTRY: list[PolicyCase] = [
         name="loss_history", selector="loss_history", make_policies=lambda: [LossHistory(trace_epochs=4)],
         make_task=digits_task, state=_history_state, activity=lambda s: int(s["count"].sum()),
         metric="history/coverage", check=_history_check,
+    ),
+    PolicyCase(
+        name="importance_sampling", selector="importance_sampling", make_policies=_importance_policies,
+        make_task=digits_task, state=_importance_state, activity=lambda s: int(s["tau"].numel()),
+        metric="is/tau", check=_importance_check, hydra_kept_fraction=1 / 3,
+    ),
+    PolicyCase(
+        name="selective_backprop", selector="selective_backprop",
+        make_policies=lambda: _sb_policies(warmup_epochs=0, seed=3),  # the paper rule over all of training
+        make_task=digits_task, state=_sb_state, activity=lambda s: int(s["selecting_steps"]),
+        metric="sb/kept_fraction", check=_sb_check,
+    ),
+    PolicyCase(
+        name="selective_backprop_stale", selector="selective_backprop_stale",
+        make_policies=lambda: _sb_policies(stale_scores=True, seed=4),
+        make_task=digits_task, state=_sb_state, activity=lambda s: int(s["selecting_steps"]),
+        metric="sb/kept_fraction", check=_sb_stale_check,
+    ),
+    PolicyCase(
+        name="uniform_subset", selector="uniform_subset",
+        make_policies=_uniform_policies,
+        make_task=digits_task, state=lambda p: {k: torch.tensor(v) for k, v in p[0].state_dict().items()},
+        activity=lambda s: int(s["kept_rows"]), metric="uniform/kept_fraction", check=_uniform_check,
+        hydra_kept_fraction=0.5,
     ),
 ]
 REGISTRY_BY_NAME = {case.name: case for case in REGISTRY}

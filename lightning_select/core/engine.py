@@ -313,6 +313,7 @@ class SelectionEngine(Callback):
         re-runs everywhere, keeping collectives in step."""
         need_per_sample = [type(p).__name__ for p in policies if p.needs_per_sample_loss]
         gather = any(p.needs_global_rows for p in policies)
+        count_norm = any(p.normalise_by_count for p in policies)
         chunk_size = min([s for s in [self.embedding_chunk_size, *(p.embedding_chunk_size for p in policies)] if s],
                          default=None)
         grad_cache: Optional[GradCache] = None
@@ -327,7 +328,7 @@ class SelectionEngine(Callback):
             if ctx.losses is None:
                 return None
             ctx.weights = self._combined_weights(ctx, policies, ctx.losses)         # 5
-            loss, finite = self._reduce(ctx, gather)                                # 6
+            loss, finite = self._reduce(ctx, gather, count_norm)                    # 6
             if finite:
                 break
             self._drop_nonfinite(ctx, attempt)
@@ -336,14 +337,20 @@ class SelectionEngine(Callback):
             loss = grad_cache.attach(loss, ctx.module)
         return loss
 
-    def _reduce(self, ctx: StepContext, gather: bool) -> tuple[Tensor, bool]:
-        """Stage 6: the globally normalised loss and whether it is finite (agreed on every rank)."""
+    def _reduce(self, ctx: StepContext, gather: bool, count_norm: bool = False) -> tuple[Tensor, bool]:
+        """Stage 6: the globally normalised loss and whether it is finite (agreed on every rank).
+
+        The denominator is the global weight sum, or with ``count_norm`` (a policy with importance
+        weights, ``normalise_by_count``) the global number of trained rows, which keeps
+        ``E[loss]`` unbiased."""
         assert ctx.losses is not None
         world_size, losses = ctx.world_size, ctx.losses
         if world_size == 1 and ctx.weights is None:
             loss = losses.mean()
             return loss, bool(torch.isfinite(loss.detach()))
         numerator, weight_sum = weighted_sum_parts(losses, ctx.weights)
+        if count_norm:
+            weight_sum = losses.new_tensor(float(losses.numel()) if ctx.has_samples else 0.0)
         parts = [weight_sum.reshape(1), numerator.detach().reshape(1)]
         if world_size > 1 and gather:  # each rank's row count, so the observers' gather needs no extra collective
             counts = losses.new_zeros(world_size)

@@ -32,6 +32,9 @@ class SelectionPolicy(Callback):
             :class:`~lightning_select.rules.contrastive.EmbeddingOutput`.
         needs_global_rows: :meth:`observe` reads ``ctx.gathered``, every rank's trained rows, which
             the engine gathers once per step for all such observers.
+        normalise_by_count: the policy's weights are importance weights (mean 1 in expectation): the
+            reduction then divides by the global number of trained rows instead of the weight sum,
+            so the loss estimate stays unbiased (a self-normalised mean would be slightly biased).
         embedding_chunk_size: request the gradient-cached mode with chunks of this many rows (the
             smallest request wins); None for the plain mode.
 
@@ -52,6 +55,7 @@ class SelectionPolicy(Callback):
     needs_per_sample_loss: bool = True
     needs_embeddings: bool = False
     needs_global_rows: bool = False
+    normalise_by_count: bool = False
     embedding_chunk_size: Optional[int] = None
 
     def is_active(self, trainer: "pl.Trainer") -> bool:

@@ -12,17 +12,31 @@ from lightning_select.rules.contrastive import (
 )
 from lightning_select.rules.gist import apply_gist, false_negative_mask, gist_loss, gist_thresholds
 from lightning_select.rules.reduction import effective_sample_size, weighted_global_mean
+from lightning_select.rules.selection import (
+    bernoulli_keep,
+    composer_keep,
+    loss_percentiles,
+    push_history,
+    selective_backprop_probabilities,
+    uniform_keep,
+)
 
 __all__ = [
     "ContrastiveLogits",
     "EmbeddingOutput",
     "LogitBlock",
     "apply_gist",
+    "bernoulli_keep",
+    "composer_keep",
     "build_logits",
     "effective_sample_size",
     "false_negative_mask",
     "gist_loss",
     "gist_thresholds",
     "info_nce_per_row",
+    "loss_percentiles",
+    "push_history",
+    "selective_backprop_probabilities",
+    "uniform_keep",
     "weighted_global_mean",
 ]
