@@ -13,7 +13,7 @@ from lightning_select.cli import run
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     metrics = run(cfg)
-    return metrics.get("heldout/precision@1", float("nan"))
+    return metrics.get(cfg.get("optimized_metric") or "heldout/precision@1", float("nan"))  # the sweep objective
 
 
 if __name__ == "__main__":

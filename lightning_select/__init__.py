@@ -30,6 +30,7 @@ from lightning_select.core import (
 from lightning_select.guides import GuideEmbeddingCache, SentenceTransformerGuide, TransformerGuide, load_guide
 from lightning_select.policies import GuidedNegatives, ImportanceSampling
 from lightning_select.policies import SelectionAudit
+from lightning_select.policies import ReducibleLossSelection
 from lightning_select.policies import SelectiveBackprop, UniformSubset
 from lightning_select.rules import (
     ContrastiveLogits,
@@ -64,6 +65,7 @@ __all__ = [
     "SampleIndex",
     "SampleIndexError",
     "SampleLossStore",
+    "ReducibleLossSelection",
     "SampleTable",
     "SelectionAudit",
     "SelectionEngine",

@@ -249,6 +249,38 @@ def preemption_scenario():
                        for p, q in zip(full_model.parameters(), res_model.parameters())]}
 
 
+from lightning_select import SelectionPolicy  # noqa: E402
+
+
+class RhoSteps(SelectionPolicy):
+    """Per step: this rank's full-batch scoring losses, sample indices and kept indices (RHO-LOSS scenario)."""
+
+    order = 960
+
+    def __init__(self):
+        self.steps = []
+
+    def observe(self, ctx):
+        self.steps.append((ctx.scores.clone(), ctx.indices.clone(), ctx.kept_indices.clone()))
+
+
+def rho_scope_scenario():
+    """RHO-LOSS, keep=0.1, one epoch with scope="rank" and one with scope="global" (noisy digits, 128 per rank)."""
+    from policy_registry import noisy_digits_task, rho_table_path
+
+    from lightning_select import ReducibleLossSelection
+    from lightning_select.policies.reducible_loss import load_irreducible_table
+
+    out = {"irreducible": load_irreducible_table(rho_table_path())[0]}
+    for scope in ("rank", "global"):
+        pl.seed_everything(0)
+        rec = RhoSteps()
+        policy = ReducibleLossSelection(rho_table_path(), keep=0.1, scope=scope, build_if_missing=False, progress=False)
+        trainer([policy, rec], max_epochs=1).fit(*noisy_digits_task(batch_size=128))
+        out[scope] = rec.steps
+    return out
+
+
 def main():
     global OUT
     OUT = Path(sys.argv[1])
@@ -287,6 +319,7 @@ def main():
     results["gist_shared_cache"] = gist_shared_cache_scenario()
     results["registry"] = registry_scenario()
     results["preemption"] = preemption_scenario()
+    results["rho_scope"] = rho_scope_scenario()
     results["gist_uneven"] = gist_uneven_scenario()  # last: it ends a fit with an exception
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(results, OUT / f"rank{rank}.pt")

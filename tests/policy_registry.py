@@ -7,8 +7,10 @@ its callbacks, a tiny task, how to read its comparable state, how much it did, a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -40,6 +42,7 @@ class PolicyCase:
         resume_bug_keys: the state keys the known bug affects.
         hydra_kept_fraction: at most this share of each loaded batch is trained per step with the
             selector's Hydra defaults (1.0: every row, checked exactly).
+        hydra_metric: the held-out metric of the task the selector's Hydra file trains.
     """
 
     name: str
@@ -53,6 +56,7 @@ class PolicyCase:
     resume_bug: str = ""
     resume_bug_keys: tuple[str, ...] = ()
     hydra_kept_fraction: float = 1.0
+    hydra_metric: str = "heldout/precision@1"
 
 
 class PolicyStateDiffers(AssertionError):
@@ -209,6 +213,39 @@ def _uniform_check(state: dict[str, Tensor], epochs: int) -> None:
     assert int(state["kept_rows"]) == epochs * (5 * 64 + round(0.25 * 157))  # keep=0.25 of 5×256 + 157
 
 
+# ---------------------------------------------------------------------------- ReducibleLossSelection (RHO-LOSS)
+NOISY_DIGITS_STEPS_PER_EPOCH = 5  # 1149 rows in batches of 256: 4 full batches and one of 125
+
+
+@functools.lru_cache(maxsize=None)
+def rho_table_path() -> str:
+    """A prebuilt irreducible-loss table for :func:`noisy_digits_task` in a per-process temp folder (built once)."""
+    import tempfile
+
+    from lightning_select.data.noisy_labels import NoisyDigitsDataModule
+    from lightning_select.models.classifier import NoisyLabelClassifier
+    from lightning_select.policies.reducible_loss import build_irreducible_table
+
+    dm = NoisyDigitsDataModule()
+    dm.setup("fit")
+    path = Path(tempfile.mkdtemp(prefix="rho_table_")) / "digits_noisy.pt"
+    build_irreducible_table(lambda: NoisyLabelClassifier(arch="mlp", hidden=32), dm.holdout_dataloader(64, True),
+                            dm.scoring_dataloader(), epochs=10, path=path, lr=3e-3, progress=False)
+    return str(path)
+
+
+def _rho_policies() -> list[pl.Callback]:
+    from lightning_select import ReducibleLossSelection
+
+    return [ReducibleLossSelection(rho_table_path(), keep=0.1, build_if_missing=False, progress=False)]
+
+
+def _rho_check(state: dict[str, Tensor], epochs: int) -> None:
+    # single process, keep=0.1: ⌈25.6⌉ = 26 of each full batch of 256 and ⌈12.5⌉ = 13 of the last 125
+    assert int(state["steps"]) == epochs * NOISY_DIGITS_STEPS_PER_EPOCH
+    assert int(state["kept_rows"]) == epochs * (4 * 26 + 13)
+
+
 REGISTRY: list[PolicyCase] = [
     PolicyCase(
         name="gist", selector="gist", make_policies=_gist_policies, make_task=digits_task, state=_gist_state,
@@ -242,6 +279,12 @@ REGISTRY: list[PolicyCase] = [
         make_task=digits_task, state=lambda p: {k: torch.tensor(v) for k, v in p[0].state_dict().items()},
         activity=lambda s: int(s["kept_rows"]), metric="uniform/kept_fraction", check=_uniform_check,
         hydra_kept_fraction=0.5,
+    ),
+    PolicyCase(
+        name="rho_loss", selector="rho_loss", make_policies=_rho_policies, make_task=noisy_digits_task,
+        state=lambda p: {k: torch.tensor(v) for k, v in p[0].state_dict().items()},
+        activity=lambda s: int(s["kept_rows"]), metric="rho/kept_fraction", check=_rho_check,
+        hydra_kept_fraction=0.1, hydra_metric="heldout/accuracy",
     ),
 ]
 REGISTRY_BY_NAME = {case.name: case for case in REGISTRY}

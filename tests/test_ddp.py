@@ -203,6 +203,32 @@ def test_registry_resume_is_exact_under_ddp(ranks, case):
         assert_same_state(res["full"]["state"], res["resumed"]["state"], case.resume_bug_keys)
 
 
+def test_rho_loss_per_rank_and_global_scope_keep_the_top_reducible_losses(ranks):
+    """scope="rank": each rank keeps its own top ⌈0.1·B⌉; scope="global": the ranks together keep the global
+    top ⌈0.1·W·B⌉ of the gathered reducible losses (ties by rank, then position), each rank its own share."""
+    import math
+
+    res = [ranks[r]["rho_scope"] for r in range(2)]
+    il = res[0]["irreducible"]
+    assert torch.equal(il, res[1]["irreducible"])
+
+    def top(values, k):
+        return sorted(sorted(range(len(values)), key=lambda i: (-values[i], i))[:k])
+
+    for scope in ("rank", "global"):
+        assert len(res[0][scope]) == len(res[1][scope]) > 0
+        for step in zip(res[0][scope], res[1][scope]):
+            reducible = [(scores - il[indices]).tolist() for scores, indices, _ in step]
+            if scope == "rank":
+                expected = [top(red, math.ceil(round(0.1 * len(red), 9))) for red in reducible]
+            else:
+                flat, width = reducible[0] + reducible[1], len(reducible[0])
+                chosen = top(flat, math.ceil(round(0.1 * len(flat), 9)))
+                expected = [[g - r * width for g in chosen if g // width == r] for r in range(2)]
+            for (_, indices, kept), positions in zip(step, expected):
+                assert kept.tolist() == indices[positions].tolist(), scope
+
+
 def test_engine_runs_under_stock_ddp_spawn(tmp_path):
     """The callback path also installs itself in ddp_spawn workers (the module is pickled to them)."""
     import lightning.pytorch as pl

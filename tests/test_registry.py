@@ -82,7 +82,7 @@ def test_hydra_selector_composes_and_runs(case, tmp_path):
     assert {type(p) for p in case.make_policies()} <= built  # the selector builds this entry's policy
 
     metrics = run(cfg)
-    assert 0.0 < metrics["heldout/precision@1"] <= 1.0
+    assert 0.0 < metrics[case.hydra_metric] <= 1.0
     import pandas as pd
 
     logged = pd.read_csv(next(tmp_path.glob("csv/*/metrics.csv")))
