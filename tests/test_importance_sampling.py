@@ -96,3 +96,13 @@ def test_bad_options_and_missing_logits(trainer_kwargs):
     with pytest.raises(SelectionError, match="'logits'"):
         pl.Trainer(callbacks=[ImportanceSampling()], max_steps=1, **trainer_kwargs).fit(
             PerSampleRegressor(), regression_loader())
+
+
+def test_two_policies_that_load_a_larger_batch_are_refused(trainer_kwargs, tmp_path):
+    from lightning_select import ReducibleLossSelection
+
+    policies = [ImportanceSampling(score="loss"), ReducibleLossSelection(str(tmp_path / "il.pt"))]
+    trainer = pl.Trainer(callbacks=policies, max_steps=1, **trainer_kwargs)
+    with pytest.raises(SelectionError, match="ImportanceSampling and ReducibleLossSelection each train a fraction"):
+        trainer.fit(PerSampleRegressor(), regression_loader())
+    assert policies[0].tau is None  # refused at setup: nothing ran

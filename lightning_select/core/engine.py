@@ -159,6 +159,13 @@ class SelectionEngine(Callback):
         positioned = [(cb.order, i, cb) for i, cb in enumerate(trainer.callbacks)
                       if getattr(cb, "is_selection_policy", False)]
         self.policies = [cb for _, _, cb in sorted(positioned, key=lambda t: (t[0], t[1]))]
+        resizers = [type(p).__name__ for p in self.policies if p.loads_larger_batch]
+        if len(resizers) > 1:  # a configuration check: every rank has the same callbacks, so all raise here
+            raise SelectionError(
+                f"{' and '.join(resizers)} each train a fraction of a larger loaded batch, so each would shrink the "
+                "batch the other one sized. Use one of them per Trainer (combine a selector with weighting or "
+                "observing policies instead)."
+            )
         setattr(pl_module, _ENGINE_ATTR, self)
         if getattr(trainer.strategy, "runs_selection_engine", False):
             return  # the strategy calls run_step itself

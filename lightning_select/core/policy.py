@@ -32,6 +32,9 @@ class SelectionPolicy(Callback):
             :class:`~lightning_select.rules.contrastive.EmbeddingOutput`.
         needs_global_rows: :meth:`observe` reads ``ctx.gathered``, every rank's trained rows, which
             the engine gathers once per step for all such observers.
+        loads_larger_batch: the policy trains a fraction of a larger loaded batch (the loader's batch
+            size is set for it). Two such policies in one Trainer are refused at setup, since each
+            would shrink the batch the other sized.
         normalise_by_count: the policy's weights are importance weights (mean 1 in expectation): the
             reduction then divides by the global number of trained rows instead of the weight sum,
             so the loss estimate stays unbiased (a self-normalised mean would be slightly biased).
@@ -56,6 +59,7 @@ class SelectionPolicy(Callback):
     needs_embeddings: bool = False
     needs_global_rows: bool = False
     normalise_by_count: bool = False
+    loads_larger_batch: bool = False
     embedding_chunk_size: Optional[int] = None
 
     def is_active(self, trainer: "pl.Trainer") -> bool:

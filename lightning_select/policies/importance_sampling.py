@@ -57,6 +57,7 @@ class ImportanceSampling(SelectionPolicy):
 
     order = 200
     needs_scores = True
+    loads_larger_batch = True
     normalise_by_count = True
 
     def __init__(self, keep: float = 1 / 3, score: Literal["gradient_norm", "loss"] = "gradient_norm",

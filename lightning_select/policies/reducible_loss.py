@@ -269,6 +269,7 @@ class ReducibleLossSelection(SelectionPolicy):
 
     order = 200
     needs_scores = True
+    loads_larger_batch = True
 
     def __init__(self, table_path: PathLike, keep: float = 0.1, target_key: str = "label",
                  scope: Literal["rank", "global"] = "rank", scoring_mode: Literal["eval", "train"] = "eval",
