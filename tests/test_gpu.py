@@ -113,3 +113,23 @@ def test_resume_is_exact_on_cuda(tmp_path):
     for p, q in zip(full_model.parameters(), res_model.parameters()):
         assert torch.equal(p, q)
     assert copy.deepcopy(full_hist).store is not None
+
+
+def test_importance_sampling_and_rho_loss_train_under_16_mixed_on_cuda(tmp_path):
+    """The two policies that score a larger loaded batch, on the classification task, on the GPU."""
+    from lightning_select import ImportanceSampling, ReducibleLossSelection
+    from lightning_select.data.noisy_labels import NoisyDigitsDataModule
+    from lightning_select.models.classifier import NoisyLabelClassifier
+
+    for policy in (ImportanceSampling(keep=1 / 3, score="gradient_norm", always_on=True),
+                   ReducibleLossSelection(str(tmp_path / "il.pt"), keep=0.1, il_epochs=3, progress=False)):
+        pl.seed_everything(0)
+        where, history = WhereTrained(), LossHistory()
+        model = NoisyLabelClassifier(arch="mlp", hidden=32)
+        _trainer([SelectionEngine(), policy, history, where], max_epochs=2, precision="16-mixed").fit(
+            model, NoisyDigitsDataModule(batch_size=320))
+        assert where.device == "cuda" and where.loss_dtype == torch.float32
+        seen = history.store.count > 0
+        assert bool(seen.any()) and torch.isfinite(history.store.ema_loss[seen]).all()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert (tmp_path / "il.pt").exists()

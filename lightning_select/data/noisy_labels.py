@@ -48,7 +48,9 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_select.core.batch import IndexedDataset
 from lightning_select.data.files import DEFAULT_DATA_DIR, require_file
 from lightning_select.samplers.epoch import shuffled_loader_kwargs
+from lightning_select.samplers.hard_batches import HardBatchSampler
 from lightning_select.samplers.resumable import ResumableDataLoader
+from lightning_select.samplers.rs2 import RS2Sampler
 
 CIFAR10_IMAGES = "classification/cifar10/cifar10_jpeg.npz"
 CIFAR10N_LABELS = "classification/cifar10/cifar10n_labels.npz"
@@ -221,12 +223,27 @@ class NoisyDigitsDataModule(NoisyClassificationDataModule):
         num_workers: DataLoader workers.
         index_key: key of the sample index in each batch.
         eval_batch_size: batch size of the test, holdout and scoring loaders.
+        sampler: training order: ``"shuffle"`` (every sample once per epoch, seeded per epoch),
+            ``"rs2"`` (:class:`~lightning_select.samplers.rs2.RS2Sampler`, a fresh ``rs2_fraction``
+            of the set per epoch) or ``"hard_batches"`` (fixed batches, later epochs only the hardest
+            ``hard_fraction`` of them: :class:`~lightning_select.samplers.hard_batches.HardBatchSampler`,
+            fed by the :class:`~lightning_select.policies.hard_batches.HardBatches` callback). The
+            last two are single process only.
+        rs2_fraction: share of the training set per epoch with ``sampler="rs2"``.
+        hard_fraction: share of the batches per epoch after the first with ``sampler="hard_batches"``.
     """
 
     def __init__(self, batch_size: int = 64, noise_rate: float = 0.3, holdout_fraction: float = 0.2,
                  test_fraction: float = 0.2, seed: int = 0, noise_seed: Optional[int] = None, num_workers: int = 0,
-                 index_key: str = "index", eval_batch_size: int = 512) -> None:
+                 index_key: str = "index", eval_batch_size: int = 512, sampler: str = "shuffle",
+                 rs2_fraction: float = 0.1, hard_fraction: float = 0.5) -> None:
         super().__init__(batch_size, holdout_fraction, seed, num_workers, index_key, eval_batch_size)
+        if sampler not in ("shuffle", "rs2", "hard_batches"):
+            raise ValueError(f"Expected `sampler` in ['shuffle', 'rs2', 'hard_batches'], but got {sampler!r}.")
+        for name, value in (("rs2_fraction", rs2_fraction), ("hard_fraction", hard_fraction)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise ValueError(f"Expected `{name}` in (0, 1], but got {value!r}.")
+        self.sampler, self.rs2_fraction, self.hard_fraction = sampler, float(rs2_fraction), float(hard_fraction)
         if not 0.0 <= noise_rate < 0.9:
             raise ValueError(f"Expected `noise_rate` in [0, 0.9) (above 0.9 the wrong class is the majority), "
                              f"but got {noise_rate}.")
@@ -234,6 +251,21 @@ class NoisyDigitsDataModule(NoisyClassificationDataModule):
             raise ValueError(f"Expected `test_fraction` in (0, 1), but got {test_fraction}.")
         self.noise_rate, self.test_fraction = noise_rate, test_fraction
         self.noise_seed = seed if noise_seed is None else noise_seed
+
+    def train_dataloader(self) -> DataLoader:
+        if self.sampler == "shuffle":
+            return super().train_dataloader()
+        assert self.train_set is not None, "call setup() first"
+        if self.trainer is not None and self.trainer.world_size > 1:
+            raise ValueError(f"NoisyDigitsDataModule(sampler={self.sampler!r}) is single process only: the sampler is "
+                             "not sharded across DDP ranks. Use sampler='shuffle' under DDP, or train on one device.")
+        common: dict[str, Any] = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
+        n = len(self.train_set)
+        if self.sampler == "rs2":
+            return ResumableDataLoader(self.train_set, batch_size=self.batch_size, drop_last=False,
+                                       sampler=RS2Sampler(n, self.rs2_fraction, seed=self.seed), **common)
+        return ResumableDataLoader(self.train_set, **common, batch_sampler=HardBatchSampler(
+            n, self.batch_size, fraction=self.hard_fraction, seed=self.seed))
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:

@@ -2,12 +2,16 @@
 
 from lightning_select.samplers.clustering import cluster_arrays, quora_clusters
 from lightning_select.samplers.epoch import EpochSeededSampler, epoch_generator, shuffled_loader_kwargs
+from lightning_select.samplers.hard_batches import HardBatchSampler
 from lightning_select.samplers.no_duplicates import NoDuplicatesBatchSampler
 from lightning_select.samplers.resumable import ResumableDataLoader, SkipFirst
+from lightning_select.samplers.rs2 import RS2Sampler
 
 __all__ = [
     "EpochSeededSampler",
+    "HardBatchSampler",
     "NoDuplicatesBatchSampler",
+    "RS2Sampler",
     "ResumableDataLoader",
     "SkipFirst",
     "cluster_arrays",

@@ -5,7 +5,7 @@ Samplers import no Lightning: they are plain ``torch.utils.data`` objects usable
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import Sampler
@@ -64,3 +64,35 @@ def shuffled_loader_kwargs(num_samples: int, seed: int, world_size: int) -> dict
     if world_size > 1:
         return {"shuffle": True, "sampler": None}
     return {"shuffle": False, "sampler": EpochSeededSampler(num_samples, seed)}
+
+
+class EpochForwarder(Sampler[int]):
+    """The ``.sampler`` of a batch sampler, so that Lightning's ``set_epoch`` reaches the batch sampler.
+
+    Lightning calls ``set_epoch`` only on ``loader.sampler`` and ``loader.batch_sampler.sampler``, so a
+    custom batch sampler without a ``.sampler`` would repeat its first epoch's order forever.
+    Iterating yields the current epoch's indices, flattened.
+
+    Example::
+
+        >>> class Owner:
+        ...     epoch = 0
+        ...     def set_epoch(self, e): self.epoch = e
+        ...     def batches(self): return [[self.epoch, 9]]
+        >>> owner = Owner(); forwarder = EpochForwarder(owner.set_epoch, owner.batches)
+        >>> forwarder.set_epoch(4); list(forwarder), len(forwarder)
+        ([4, 9], 2)
+    """
+
+    def __init__(self, set_epoch: Callable[[int], None], batches: Callable[[], list[list[int]]]) -> None:
+        self._set_epoch, self._batches = set_epoch, batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self._set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([i for batch in self._batches() for i in batch])
+
+    def __len__(self) -> int:
+        return sum(len(batch) for batch in self._batches())
+

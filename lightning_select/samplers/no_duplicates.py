@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Sampler
 
-from lightning_select.samplers.epoch import epoch_generator
+from lightning_select.samplers.epoch import EpochForwarder, epoch_generator
 
 
 class NoDuplicatesBatchSampler(Sampler[list[int]]):
@@ -77,6 +77,8 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.epoch = 0
         self._cache: Optional[tuple[int, list[list[int]]]] = None
+        #: Lightning's ``set_epoch`` reaches this batch sampler through ``loader.batch_sampler.sampler``.
+        self.sampler = EpochForwarder(self.set_epoch, self._batches)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of ``epoch`` (called by Lightning at the start of every epoch)."""
