@@ -28,7 +28,7 @@ from lightning_select.core import (
     select_batch,
 )
 from lightning_select.guides import GuideEmbeddingCache, SentenceTransformerGuide, TransformerGuide, load_guide
-from lightning_select.policies import GuidedNegatives, ImportanceSampling
+from lightning_select.policies import EntropySelection, GuidedNegatives, ImportanceSampling
 from lightning_select.policies import SelectionAudit
 from lightning_select.policies import ReducibleLossSelection
 from lightning_select.policies import SelectiveBackprop, UniformSubset
@@ -55,6 +55,7 @@ __all__ = [
     "ContrastiveLogits",
     "DDPSelectStrategy",
     "EmbeddingOutput",
+    "EntropySelection",
     "GuideEmbeddingCache",
     "GuidedNegatives",
     "ImportanceSampling",

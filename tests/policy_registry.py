@@ -246,6 +246,25 @@ def _rho_check(state: dict[str, Tensor], epochs: int) -> None:
     assert int(state["kept_rows"]) == epochs * (4 * 26 + 13)
 
 
+# ---------------------------------------------------------------------------- EntropySelection (EATA)
+def _eata_policies() -> list[pl.Callback]:
+    from lightning_select import EntropySelection
+
+    # from scratch the paper's E0 = 0.4·ln C and ε = 0.05 keep nothing: the reliability filter is off (E0 = ln C,
+    # kept unless exactly uniform) and the redundancy filter is off (ε > 1); the weights exp(E0 − E) still apply
+    return [EntropySelection(entropy_fraction=1.0, epsilon=1.01)]
+
+
+def _eata_state(policies: list[pl.Callback]) -> dict[str, Tensor]:
+    return flatten(policies[0].state_dict())
+
+
+def _eata_check(state: dict[str, Tensor], epochs: int) -> None:
+    average = state["moving_average"]
+    assert average.shape == (10,) and average.dtype == torch.float32
+    assert bool((average > 0).all()) and abs(float(average.sum()) - 1.0) < 1e-5  # a mean of softmax outputs
+
+
 REGISTRY: list[PolicyCase] = [
     PolicyCase(
         name="gist", selector="gist", make_policies=_gist_policies, make_task=digits_task, state=_gist_state,
@@ -285,6 +304,11 @@ REGISTRY: list[PolicyCase] = [
         state=lambda p: {k: torch.tensor(v) for k, v in p[0].state_dict().items()},
         activity=lambda s: int(s["kept_rows"]), metric="rho/kept_fraction", check=_rho_check,
         hydra_kept_fraction=0.1, hydra_metric="heldout/accuracy",
+    ),
+    PolicyCase(
+        name="entropy_selection", selector="entropy_selection", make_policies=_eata_policies,
+        make_task=noisy_digits_task, state=_eata_state, activity=lambda s: int(s["moving_average"].numel()),
+        metric="eata/entropy_mean", check=_eata_check, hydra_metric="heldout/accuracy",
     ),
 ]
 REGISTRY_BY_NAME = {case.name: case for case in REGISTRY}

@@ -3,6 +3,7 @@
 See CONTRIBUTING.md for the pattern every policy follows.
 """
 
+from lightning_select.policies.entropy_selection import EntropySelection
 from lightning_select.policies.guided_negatives import GuidedNegatives
 from lightning_select.policies.hard_batches import HardBatches
 from lightning_select.policies.selection_audit import SelectionAudit
@@ -11,4 +12,4 @@ from lightning_select.policies.reducible_loss import ReducibleLossSelection
 from lightning_select.policies.selective_backprop import SelectiveBackprop
 from lightning_select.policies.uniform_subset import UniformSubset
 
-__all__ = ["GuidedNegatives", "HardBatches", "SelectionAudit", "ImportanceSampling", "ReducibleLossSelection", "SelectiveBackprop", "UniformSubset"]
+__all__ = ["EntropySelection", "GuidedNegatives", "HardBatches", "SelectionAudit", "ImportanceSampling", "ReducibleLossSelection", "SelectiveBackprop", "UniformSubset"]

@@ -10,6 +10,13 @@ from lightning_select.rules.contrastive import (
     build_logits,
     info_nce_per_row,
 )
+from lightning_select.rules.entropy import (
+    eata_weights,
+    prediction_entropy,
+    redundancy_mask,
+    reliable_mask,
+    update_moving_average,
+)
 from lightning_select.rules.gist import apply_gist, false_negative_mask, gist_loss, gist_thresholds
 from lightning_select.rules.reduction import effective_sample_size, weighted_global_mean
 from lightning_select.rules.selection import (
@@ -28,6 +35,7 @@ __all__ = [
     "apply_gist",
     "bernoulli_keep",
     "composer_keep",
+    "eata_weights",
     "build_logits",
     "effective_sample_size",
     "false_negative_mask",
@@ -35,8 +43,12 @@ __all__ = [
     "gist_thresholds",
     "info_nce_per_row",
     "loss_percentiles",
+    "prediction_entropy",
     "push_history",
+    "redundancy_mask",
+    "reliable_mask",
     "selective_backprop_probabilities",
     "uniform_keep",
+    "update_moving_average",
     "weighted_global_mean",
 ]
