@@ -1,4 +1,5 @@
-"""Small distributed helpers shared by the policies: dataset size, and decisions every rank takes together."""
+"""Small distributed helpers shared by the policies: dataset size, gathers of per-rank row sets of
+different lengths, and decisions every rank takes together."""
 
 from __future__ import annotations
 
@@ -64,3 +65,35 @@ def exchange_bad_rows(ctx: StepContext, local_bad: Tensor, local_rows: int) -> t
     padded[: local_bad.numel()] = local_bad.to(device)
     everyone = ctx.all_gather(padded).reshape(-1)
     return [tuple(c) for c in counts.tolist()], everyone[everyone >= 0].tolist()
+
+
+def all_gather_rows(ctx: StepContext, rows: Tensor, fill: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Gather ``[n, ...]`` rows whose count ``n`` differs per rank: ``([W, max n, ...], counts [W])``.
+
+    Each rank's rows are padded with ``fill`` to the largest count. Two collectives (the counts, then
+    the rows): every rank must call it at the same point. In one process: ``(rows[None], [n])``.
+    :func:`valid_rows` concatenates the real rows in rank order.
+
+    Example::
+
+        >>> class OneProcess:
+        ...     world_size = 1
+        >>> gathered, counts = all_gather_rows(StepContext(OneProcess(), None, None, 0, None, 0, None),
+        ...                                    torch.tensor([3.0, 4.0]))
+        >>> gathered.shape, counts.tolist(), valid_rows(gathered, counts).tolist()
+        (torch.Size([1, 2]), [2], [3.0, 4.0])
+    """
+    n = rows.shape[0]
+    if ctx.world_size == 1:
+        return rows.unsqueeze(0), torch.tensor([n], device=rows.device)
+    counts = ctx.all_gather(torch.tensor([n], device=rows.device)).reshape(-1)
+    width = max(int(counts.max()), 1)
+    padded = rows.new_full((width, *rows.shape[1:]), fill)
+    padded[:n] = rows
+    return ctx.all_gather(padded).reshape(ctx.world_size, width, *rows.shape[1:]), counts
+
+
+def valid_rows(gathered: Tensor, counts: Tensor) -> Tensor:
+    """The real rows of :func:`all_gather_rows`' result, concatenated in rank order."""
+    return torch.cat([gathered[r, :c] for r, c in enumerate(counts.tolist())])
+

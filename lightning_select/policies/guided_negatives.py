@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_select.core import SelectionError, SelectionPolicy, StepContext
+from lightning_select.core.distributed import all_gather_rows, valid_rows
 from lightning_select.core.engine import override
 from lightning_select.core.options import (
     bool_option,
@@ -313,13 +314,8 @@ class GuidedNegatives(SelectionPolicy):
         if pairs is None or not ctx.has_samples:
             pairs = {k: torch.zeros(0, dtype=torch.float64, device=device) for k in PAIR_COLUMNS[:5]}
         table = torch.stack([pairs[k].to(device) for k in PAIR_COLUMNS[:5]], dim=1)
-        if ctx.world_size > 1:  # every rank gets here together; pad to the largest count and gather
-            width = int(ctx.trainer.strategy.reduce(torch.tensor(float(table.shape[0]), device=device),
-                                                    reduce_op="max"))
-            padded = table.new_full((max(width, 1), table.shape[1]), -1.0)
-            padded[: table.shape[0]] = table
-            table = ctx.all_gather(padded).reshape(-1, table.shape[1])
-            table = table[table[:, 0] >= 0]
+        if ctx.world_size > 1:  # every rank gets here together
+            table = valid_rows(*all_gather_rows(ctx, table))
         n = table.shape[0]
         columns = {k: table[:, c].cpu() for c, k in enumerate(PAIR_COLUMNS[:5])}
         columns["epoch"] = torch.full((n,), float(ctx.trainer.current_epoch), dtype=torch.float64)

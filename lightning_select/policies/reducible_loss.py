@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from lightning_select.core import SelectionError, SelectionPolicy, StepContext
 from lightning_select.core.batch import get_indices
 from lightning_select.core.context import training_loss_of
-from lightning_select.core.distributed import raise_together
+from lightning_select.core.distributed import all_gather_rows, raise_together, valid_rows
 from lightning_select.core.engine import override
 from lightning_select.core.options import bool_option, int_option, path_option, real_option, str_option
 from lightning_select.rules.reducible_loss import global_top_fraction, reducible_loss, threshold_of, top_fraction
@@ -372,14 +372,9 @@ class ReducibleLossSelection(SelectionPolicy):
                                      f"irreducible-loss table {self.table_path!r}; {BUILD_HINT}.")
         reducible = reducible_loss(ctx.scores[rows.to(device)], il)
         if self.scope == "global" and ctx.world_size > 1:
-            counts = ctx.all_gather(torch.tensor([reducible.numel()], device=device)).reshape(-1)
-            width = int(counts.max())
-            padded = reducible.new_full((width,), float("-inf"))
-            padded[: reducible.numel()] = reducible
-            gathered = ctx.all_gather(padded).reshape(ctx.world_size, width)
+            gathered, counts = all_gather_rows(ctx, reducible, fill=float("-inf"))
             positions = global_top_fraction(reducible, gathered, ctx.trainer.global_rank, self.keep, counts)
-            valid = torch.arange(width, device=device).unsqueeze(0) < counts.view(-1, 1)
-            threshold = threshold_of(gathered[valid], self.keep)  # the same on every rank
+            threshold = threshold_of(valid_rows(gathered, counts), self.keep)  # the same on every rank
         else:
             positions = top_fraction(reducible, self.keep)
             threshold = float(reducible[positions].min()) if positions.numel() else float("nan")

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_select.core import SelectionError, SelectionPolicy, StepContext
-from lightning_select.core.distributed import train_dataset_size
+from lightning_select.core.distributed import all_gather_rows, train_dataset_size, valid_rows
 from lightning_select.core.engine import override
 from lightning_select.core.options import bool_option, int_option, real_option, str_option
 from lightning_select.rules.selection import (
@@ -301,11 +301,7 @@ class SelectiveBackprop(SelectionPolicy):
     def _push(self, ctx: StepContext, values: Tensor) -> None:
         """Append this step's scores of every rank (rank order) to the history: the same on every rank."""
         if ctx.world_size > 1:
-            device = ctx.module.device
-            width = ctx.trainer.strategy.reduce(torch.tensor(float(values.numel()), device=device), reduce_op="max")
-            padded = torch.full((max(int(width), 1),), float("nan"), device=device)
-            padded[: values.numel()] = values.to(device)
-            values = ctx.all_gather(padded).reshape(-1).cpu()
+            values = valid_rows(*all_gather_rows(ctx, values.to(ctx.module.device))).cpu()
             values = values[~values.isnan()]
         self.history_next = push_history(self.history, self.history_next, values)
 
