@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from helpers import (  # noqa: E402
+    ScoreRecorder,
     RankBatches,
     GradCapture,
     IndexWeights,
@@ -249,21 +250,6 @@ def preemption_scenario():
                        for p, q in zip(full_model.parameters(), res_model.parameters())]}
 
 
-from lightning_select import SelectionPolicy  # noqa: E402
-
-
-class RhoSteps(SelectionPolicy):
-    """Per step: this rank's full-batch scoring losses, sample indices and kept indices (RHO-LOSS scenario)."""
-
-    order = 960
-
-    def __init__(self):
-        self.steps = []
-
-    def observe(self, ctx):
-        self.steps.append((ctx.scores.clone(), ctx.indices.clone(), ctx.kept_indices.clone()))
-
-
 def rho_scope_scenario():
     """RHO-LOSS, keep=0.1, one epoch with scope="rank" and one with scope="global" (noisy digits, 128 per rank)."""
     from policy_registry import noisy_digits_task, rho_table_path
@@ -274,7 +260,7 @@ def rho_scope_scenario():
     out = {"irreducible": load_irreducible_table(rho_table_path())[0]}
     for scope in ("rank", "global"):
         pl.seed_everything(0)
-        rec = RhoSteps()
+        rec = ScoreRecorder()
         policy = ReducibleLossSelection(rho_table_path(), keep=0.1, scope=scope, build_if_missing=False, progress=False)
         trainer([policy, rec], max_epochs=1).fit(*noisy_digits_task(batch_size=128))
         out[scope] = rec.steps

@@ -128,6 +128,19 @@ class Recorder(SelectionPolicy):
         )
 
 
+class ScoreRecorder(SelectionPolicy):
+    """Test observer: per step, the scoring pass's losses and indices of the full batch, and the kept indices."""
+
+    order = 960
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def observe(self, ctx: StepContext) -> None:
+        assert ctx.scores is not None
+        self.steps.append((ctx.scores.clone(), ctx.indices.clone(), ctx.kept_indices.clone()))
+
+
 def grads_of(module: nn.Module) -> list[Tensor]:
     return [p.grad.detach().clone() for p in module.parameters()]
 

@@ -5,9 +5,9 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import Recorder
+from helpers import Recorder, ScoreRecorder
 
-from lightning_select import ReducibleLossSelection, SelectionAudit, SelectionError, SelectionPolicy
+from lightning_select import ReducibleLossSelection, SelectionAudit, SelectionError
 from lightning_select.data.noisy_labels import NoisyDigitsDataModule
 from lightning_select.models.classifier import NoisyLabelClassifier
 from lightning_select.policies.reducible_loss import (
@@ -139,18 +139,6 @@ def test_invalid_options_raise_at_construction(options, error):
 
 
 # ---------------------------------------------------------------------------- end to end
-class ScoreRecorder(SelectionPolicy):
-    """Records, per step, the scoring pass's losses and indices of the full batch and the kept indices."""
-
-    order = 960
-
-    def __init__(self):
-        self.steps = []
-
-    def observe(self, ctx):
-        self.steps.append((ctx.scores.clone(), ctx.indices.clone(), ctx.kept_indices.clone()))
-
-
 def test_trained_rows_are_the_top_reducible_losses(table, digits):
     policy, recorder = ReducibleLossSelection(table, keep=0.1, build_if_missing=False), ScoreRecorder()
     _fit([policy, recorder], epochs=2)
