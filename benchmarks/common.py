@@ -35,3 +35,22 @@ class OneHotGuide(torch.nn.Module):
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.one_hot(index.long(), self.num_samples).float()
+
+
+def timed_digits_fit(callbacks: list, plain_loss: bool, epochs: int, batch_size: int, hidden: int,
+                     accelerator: str = "cpu") -> float:
+    """Seed 0, then fit the digits embedder with ``callbacks`` (no validation, logging or checkpoints);
+    returns the fit's wall time in seconds."""
+    from lightning_select.data import DigitsPairsDataModule
+    from lightning_select.models import DigitsEmbeddingModule
+
+    pl.seed_everything(0)
+    model = DigitsEmbeddingModule(hidden=hidden, plain_loss=plain_loss)
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, DigitsPairsDataModule(batch_size=batch_size))
+    return time.perf_counter() - start
+

@@ -16,33 +16,22 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
 from lightning_select import LossHistory, SampleLossStore, SelectionEngine
-from lightning_select.data import DigitsPairsDataModule
-from lightning_select.models import DigitsEmbeddingModule
 
-from common import StepTimer  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from common import StepTimer, timed_digits_fit  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def run_arm(arm: str, epochs: int, batch_size: int, hidden: int) -> tuple[list[float], float]:
-    pl.seed_everything(0)
     timer = StepTimer()
     callbacks: list[pl.Callback] = [timer]
     if arm == "engine+history":
         callbacks += [SelectionEngine(), LossHistory()]
-    model = DigitsEmbeddingModule(hidden=hidden, plain_loss=arm == "plain")
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
-    )
-    start = time.perf_counter()
-    trainer.fit(model, DigitsPairsDataModule(batch_size=batch_size))
-    wall = time.perf_counter() - start
+    wall = timed_digits_fit(callbacks, arm == "plain", epochs, batch_size, hidden)
     return timer.times[5:], wall  # drop warm-up steps
 
 

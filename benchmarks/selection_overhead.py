@@ -30,18 +30,15 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import StepTimer  # noqa: E402
+from common import StepTimer, timed_digits_fit  # noqa: E402
 
 from lightning_select import SelectionEngine, SelectionPolicy, SelectiveBackprop, UniformSubset  # noqa: E402
-from lightning_select.data import DigitsPairsDataModule  # noqa: E402
-from lightning_select.models import DigitsEmbeddingModule  # noqa: E402
 
 ARMS = ["plain", "sb_paper", "sb_composer", "sb_stale", "uniform", "uniform_025"]
 
@@ -89,20 +86,12 @@ class KeptRows(SelectionPolicy):
 
 def run_arm(arm: str, epochs: int, batch_size: int, hidden: int, count: bool = False,
             accelerator: str = "cpu") -> tuple[list[float], float, float]:
-    pl.seed_everything(0)
     timer = SyncedStepTimer()
     callbacks: list[pl.Callback] = [timer]
     counter = KeptRows()
     if arm != "plain":
         callbacks += [SelectionEngine(), make_policy(arm)] + ([counter] if count else [])
-    model = DigitsEmbeddingModule(hidden=hidden, plain_loss=arm == "plain")
-    trainer = pl.Trainer(
-        accelerator=accelerator, devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
-    )
-    start = time.perf_counter()
-    trainer.fit(model, DigitsPairsDataModule(batch_size=batch_size))
-    wall = time.perf_counter() - start
+    wall = timed_digits_fit(callbacks, arm == "plain", epochs, batch_size, hidden, accelerator)
     kept = counter.kept / counter.loaded if counter.loaded else 1.0
     return timer.times[5:], wall, kept
 
