@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import pytest
 import torch
 from torch import Tensor
 
@@ -36,10 +35,6 @@ class PolicyCase:
         activity: how much the policy did, from ``state`` (must be > 0 after a fit).
         metric: a metric the policy logs (must be in ``trainer.callback_metrics`` after a logged fit, > 0).
         check: invariants of ``state`` after a fit of ``epochs`` epochs (raises AssertionError).
-        resume_bug: a known library bug that makes the resumed state differ in the keys ``resume_bug_keys``;
-            the resume tests then xfail on :class:`PolicyStateDiffers` (raised for those keys only, so any
-            other difference still fails). Empty when resume is exact.
-        resume_bug_keys: the state keys the known bug affects.
         hydra_kept_fraction: at most this share of each loaded batch is trained per step with the
             selector's Hydra defaults (1.0: every row, checked exactly).
         hydra_metric: the held-out metric of the task the selector's Hydra file trains.
@@ -53,38 +48,16 @@ class PolicyCase:
     activity: Callable[[dict[str, Tensor]], int]
     metric: str
     check: Callable[[dict[str, Tensor], int], None]
-    resume_bug: str = ""
-    resume_bug_keys: tuple[str, ...] = ()
     hydra_kept_fraction: float = 1.0
     hydra_metric: str = "heldout/precision@1"
 
 
-class PolicyStateDiffers(AssertionError):
-    """Raised by :func:`assert_same_state` when only keys of a known bug differ."""
-
-
-def assert_same_state(a: dict[str, Tensor], b: dict[str, Tensor], known_bug_keys: tuple[str, ...] = ()) -> None:
-    """Bit-exact, NaN-aware equality of two flat states (dtype, shape and values).
-
-    A difference in a key outside ``known_bug_keys`` raises ``AssertionError``; one only in those keys
-    raises :class:`PolicyStateDiffers`.
-    """
+def assert_same_state(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    """Bit-exact, NaN-aware equality of two flat states (dtype, shape and values)."""
     assert sorted(a) == sorted(b), sorted(set(a) ^ set(b))
     differ = [k for k in a if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape
               or not torch.equal(a[k].nan_to_num(-7), b[k].nan_to_num(-7))]
-    unexpected = [k for k in differ if k not in known_bug_keys]
-    assert not unexpected, f"policy state differs in {unexpected}"
-    if differ:
-        raise PolicyStateDiffers(f"policy state differs in {differ} (known bug)")
-
-
-def resume_cases() -> list[Any]:
-    """The registry as pytest params; an entry with a ``resume_bug`` xfails on :class:`PolicyStateDiffers` only.
-
-    Not strict: the symptom is last-bit GEMM behaviour, which another CPU may not show.
-    """
-    return [pytest.param(case, marks=pytest.mark.xfail(raises=PolicyStateDiffers, strict=False, reason=case.resume_bug))
-            if case.resume_bug else case for case in REGISTRY]
+    assert not differ, f"policy state differs in {differ}"
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Tensor]:

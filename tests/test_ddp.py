@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from policy_registry import REGISTRY, assert_same_state, resume_cases
+from policy_registry import REGISTRY, assert_same_state
 from torch.utils.data import DistributedSampler
 
 pytestmark = pytest.mark.ddp
@@ -186,7 +186,7 @@ def test_registry_policy_state_identical_on_both_ranks(ranks, case):
     assert_same_state(states[0], states[1])
 
 
-@pytest.mark.parametrize("case", resume_cases(), ids=lambda case: case.name)
+@pytest.mark.parametrize("case", REGISTRY, ids=lambda case: case.name)
 def test_registry_resume_is_exact_under_ddp(ranks, case):
     """Every registry policy under DDP: 2 epochs + resumed 2 equal 4 uninterrupted epochs, on each rank."""
     runs = [ranks[r]["registry"][case.name] for r in range(2)]
@@ -199,8 +199,8 @@ def test_registry_resume_is_exact_under_ddp(ranks, case):
         for p, q in zip(full["params"], resumed["params"]):
             assert torch.equal(p, q)
     assert_same_state(runs[0]["resumed"]["state"], runs[1]["resumed"]["state"])
-    for res in runs:  # last: may raise PolicyStateDiffers (a registry entry's known resume bug)
-        assert_same_state(res["full"]["state"], res["resumed"]["state"], case.resume_bug_keys)
+    for res in runs:
+        assert_same_state(res["full"]["state"], res["resumed"]["state"])
 
 
 def test_rho_loss_per_rank_and_global_scope_keep_the_top_reducible_losses(ranks):
