@@ -28,7 +28,7 @@ from lightning_select.core import (
     select_batch,
 )
 from lightning_select.guides import GuideEmbeddingCache, SentenceTransformerGuide, TransformerGuide, load_guide
-from lightning_select.policies import EntropySelection, GuidedNegatives, ImportanceSampling
+from lightning_select.policies import AdaptiveBatchSize, EntropySelection, GuidedNegatives, ImportanceSampling
 from lightning_select.policies import SelectionAudit
 from lightning_select.policies import ReducibleLossSelection
 from lightning_select.policies import SelectiveBackprop, UniformSubset
@@ -52,6 +52,7 @@ register_strategies()
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveBatchSize",
     "ContrastiveLogits",
     "DDPSelectStrategy",
     "EmbeddingOutput",

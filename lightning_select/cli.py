@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    """Engine, selector policies (``cfg.selector.<name>``) and plain callbacks, in that order."""
+    """Engine, selector callbacks (``cfg.selector.<name>``: policies, or callbacks such as
+    :class:`~lightning_select.AdaptiveBatchSize`) and plain callbacks, in that order."""
     callbacks: list[pl.Callback] = [instantiate(cfg.engine)]
     for name, node in (cfg.get("selector") or {}).items():
         if not isinstance(node, DictConfig) or "_target_" not in node:
@@ -32,8 +33,8 @@ def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
                 "selector files nest their content under their own name, e.g. `gist: {_target_: ...}`."
             )
         policy = instantiate(node)
-        if not isinstance(policy, SelectionPolicy):
-            raise TypeError(f"selector.{name} built a {type(policy).__name__}, which is not a SelectionPolicy.")
+        if not isinstance(policy, pl.Callback):  # a SelectionPolicy, or a step-level callback (AdaptiveBatchSize)
+            raise TypeError(f"selector.{name} built a {type(policy).__name__}, which is not a Lightning Callback.")
         callbacks.append(policy)
     for node in (cfg.get("callbacks") or {}).values():
         if node is not None and "_target_" in node:
@@ -98,7 +99,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     callbacks = build_callbacks(cfg)
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node and "_target_" in node]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    names = [type(c).__name__ for c in callbacks if isinstance(c, SelectionPolicy)]
+    names = [type(c).__name__ for c in callbacks
+             if isinstance(c, SelectionPolicy) or type(c).__module__.startswith("lightning_select.policies")]
     log.info("Selectors: %s", names or "none (plain in-batch training)")
     if ckpt_path and trainer.is_global_zero:
         _report(f"[lightning_select] resuming from {ckpt_path}")

@@ -267,6 +267,21 @@ def rho_scope_scenario():
     return out
 
 
+def adaptive_batch_size_scenario():
+    """AdaptiveBatchSize's first optimizer step (3 micro-batches per rank): each rank's evidence row, which
+    holds only its 2 unsynchronised micro-batch gradients; the test recomputes it from the data."""
+    from helpers import ScalarRegression, noisy_regression_loader
+
+    from lightning_select import AdaptiveBatchSize
+
+    pl.seed_everything(0)
+    model = ScalarRegression()
+    start = [p.detach().clone() for p in model.parameters()]
+    policy = AdaptiveBatchSize(test="augmented_inner_product", initial_accumulation=3, check_every=1000)
+    trainer([policy], max_steps=1).fit(model, noisy_regression_loader(n=96, batch_size=8))
+    return {"row": policy.window[0].clone(), "start": start}
+
+
 def main():
     global OUT
     OUT = Path(sys.argv[1])
@@ -306,6 +321,7 @@ def main():
     results["registry"] = registry_scenario()
     results["preemption"] = preemption_scenario()
     results["rho_scope"] = rho_scope_scenario()
+    results["adaptive_batch_size"] = adaptive_batch_size_scenario()
     results["gist_uneven"] = gist_uneven_scenario()  # last: it ends a fit with an exception
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(results, OUT / f"rank{rank}.pt")

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_select import IndexedDataset, SelectionPolicy, StepContext
 
@@ -223,3 +223,35 @@ class LastCheckpointProbe(pl.Callback):
         if trainer.current_epoch > 0:
             path = os.path.join(trainer.checkpoint_callback.dirpath, "last.ckpt")
             LastCheckpointProbe.seen.append((trainer.current_epoch, os.path.exists(path)))
+
+
+class ScalarRegression(pl.LightningModule):
+    """Linear regression with a scalar mean loss (no engine) and an optional cosine schedule; records the
+    accumulation in force at every optimizer step (``steps_seen``)."""
+
+    def __init__(self, schedule=False):
+        super().__init__()
+        self.net = nn.Linear(4, 1)
+        self.schedule = schedule
+        self.steps_seen = []  # micro-batches per optimizer step, counted independently of the callback
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x).squeeze(-1), y)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.steps_seen.append(self.trainer.accumulate_grad_batches)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05)
+        if not self.schedule:
+            return opt
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def noisy_regression_loader(n=64, batch_size=8, noise=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=gen)
+    y = x @ torch.tensor([1.0, -1.0, 2.0, 0.5]) + noise * torch.randn(n, generator=gen)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)

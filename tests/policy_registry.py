@@ -238,6 +238,34 @@ def _eata_check(state: dict[str, Tensor], epochs: int) -> None:
     assert bool((average > 0).all()) and abs(float(average.sum()) - 1.0) < 1e-5  # a mean of softmax outputs
 
 
+# ---------------------------------------------------------------------------- AdaptiveBatchSize
+def _abs_policies() -> list[pl.Callback]:
+    from lightning_select import AdaptiveBatchSize
+
+    # η small enough that the contrastive digits gradients fail the norm test within the first epoch, so the
+    # accumulation grows 2 → 4 (the cap) and the resume test covers a run whose batch has grown
+    return [AdaptiveBatchSize(eta=0.05, initial_accumulation=2, max_accumulation=4, check_every=1),
+            LossHistory()]
+
+
+def _abs_state(policies: list[pl.Callback]) -> dict[str, Tensor]:
+    state = policies[0].state_dict()
+    decisions = torch.tensor([[d["step"], d["norm"], d["required_micro_batches"], d["accumulation"]]
+                              for d in state["decisions"]]).reshape(-1, 4)
+    return {"accumulation": torch.tensor(state["accumulation"]), "pending": torch.tensor(state["pending"] or 0),
+            "schedule_position": torch.tensor(state["schedule_position"]), "decisions": decisions,
+            "window": torch.stack(state["window"]) if state["window"] else torch.zeros(0, 7),
+            **flatten(policies[1].store.state_dict(), "history")}
+
+
+def _abs_check(state: dict[str, Tensor], epochs: int) -> None:
+    grown = state["decisions"][:, 3]
+    assert bool((grown[1:] >= grown[:-1]).all()) and int(state["accumulation"]) == 4  # grew, never shrank
+    assert bool(torch.isfinite(state["decisions"][:, 1]).all())
+    # the batch grows, not the data: every sample still trained once per epoch (LossHistory is exact)
+    assert int(state["history/count"].sum()) == epochs * DIGITS_TRAIN_SIZE
+
+
 REGISTRY: list[PolicyCase] = [
     PolicyCase(
         name="gist", selector="gist", make_policies=_gist_policies, make_task=digits_task, state=_gist_state,
@@ -282,6 +310,11 @@ REGISTRY: list[PolicyCase] = [
         name="entropy_selection", selector="entropy_selection", make_policies=_eata_policies,
         make_task=noisy_digits_task, state=_eata_state, activity=lambda s: int(s["moving_average"].numel()),
         metric="eata/entropy_mean", check=_eata_check, hydra_metric="heldout/accuracy",
+    ),
+    PolicyCase(
+        name="adaptive_batch_size", selector="adaptive_batch_size", make_policies=_abs_policies,
+        make_task=digits_task, state=_abs_state, activity=lambda s: int(s["decisions"].shape[0]),
+        metric="adaptive_batch_size/accumulation", check=_abs_check,
     ),
 ]
 REGISTRY_BY_NAME = {case.name: case for case in REGISTRY}

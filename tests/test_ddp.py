@@ -257,3 +257,33 @@ def test_no_duplicates_sampler_under_ddp(ranks):
             assert sum(map(len, per_sample)) == len(set().union(*per_sample))  # no key shared within a batch
             seen.update(index)
     assert seen == set(range(res[0]["num_samples"]))  # every sample trained in the epoch, on some rank
+
+
+def test_adaptive_batch_size_evidence_uses_the_unsynchronised_micro_batches(ranks):
+    """Each rank's row holds its first k − 1 = 2 micro-batch gradients (the 3rd is all-reduced by DDP); the
+    rows summed over ranks equal the sums recomputed by hand, with ḡ the mean of all 6 micro-batches."""
+    from helpers import ScalarRegression, noisy_regression_loader
+
+    start = ranks[0]["adaptive_batch_size"]["start"]
+    probe = ScalarRegression()
+    with torch.no_grad():
+        for p, q in zip(probe.parameters(), start):
+            p.copy_(q)
+    dataset = noisy_regression_loader(n=96, batch_size=8).dataset
+    grads = {}
+    for rank in range(2):  # Lightning shuffles every training loader under DDP: DistributedSampler(seed=0)
+        local = [dataset[i] for i in DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)]
+        for j in range(3):
+            x = torch.stack([local[8 * j + t][0] for t in range(8)])
+            y = torch.stack([local[8 * j + t][1] for t in range(8)])
+            probe.zero_grad()
+            torch.nn.functional.mse_loss(probe.net(x).squeeze(-1), y).backward()
+            grads[rank, j] = torch.cat([p.grad.reshape(-1) for p in probe.parameters()])
+    g = torch.stack(list(grads.values())).mean(0)
+    g2 = g.pow(2).sum()
+    seen = torch.stack([grads[r, j] for r in range(2) for j in range(2)])
+    a, c = seen.pow(2).sum(1), seen @ g
+    expected = torch.stack([a.sum(), c.sum(), torch.tensor(4.0), (c - g2).pow(2).sum(),
+                            (a - c.pow(2) / g2).sum(), g2, torch.tensor(6.0)])
+    got = ranks[0]["adaptive_batch_size"]["row"] + ranks[1]["adaptive_batch_size"]["row"]
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6), (got, expected)

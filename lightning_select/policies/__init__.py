@@ -3,6 +3,7 @@
 See CONTRIBUTING.md for the pattern every policy follows.
 """
 
+from lightning_select.policies.adaptive_batch_size import AdaptiveBatchSize
 from lightning_select.policies.entropy_selection import EntropySelection
 from lightning_select.policies.guided_negatives import GuidedNegatives
 from lightning_select.policies.hard_batches import HardBatches
@@ -12,4 +13,4 @@ from lightning_select.policies.reducible_loss import ReducibleLossSelection
 from lightning_select.policies.selective_backprop import SelectiveBackprop
 from lightning_select.policies.uniform_subset import UniformSubset
 
-__all__ = ["EntropySelection", "GuidedNegatives", "HardBatches", "SelectionAudit", "ImportanceSampling", "ReducibleLossSelection", "SelectiveBackprop", "UniformSubset"]
+__all__ = ["AdaptiveBatchSize", "EntropySelection", "GuidedNegatives", "HardBatches", "SelectionAudit", "ImportanceSampling", "ReducibleLossSelection", "SelectiveBackprop", "UniformSubset"]

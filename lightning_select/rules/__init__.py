@@ -17,6 +17,7 @@ from lightning_select.rules.entropy import (
     reliable_mask,
     update_moving_average,
 )
+from lightning_select.rules.gradient_noise import gradient_noise_statistics, required_micro_batches
 from lightning_select.rules.gist import apply_gist, false_negative_mask, gist_loss, gist_thresholds
 from lightning_select.rules.reduction import effective_sample_size, weighted_global_mean
 from lightning_select.rules.selection import (
@@ -41,12 +42,14 @@ __all__ = [
     "false_negative_mask",
     "gist_loss",
     "gist_thresholds",
+    "gradient_noise_statistics",
     "info_nce_per_row",
     "loss_percentiles",
     "prediction_entropy",
     "push_history",
     "redundancy_mask",
     "reliable_mask",
+    "required_micro_batches",
     "selective_backprop_probabilities",
     "uniform_keep",
     "update_moving_average",
