@@ -170,6 +170,10 @@ def test_uniform_keep_size_inclusion_and_unbiased_mean():
     ({"rule": "biggest"}, ValueError, "rule"), ({"scoring_mode": "test"}, ValueError, "scoring_mode"),
     ({"stale_scores": "yes"}, TypeError, "stale_scores"), ({"stale_epochs": -1}, ValueError, "stale_epochs"),
     ({"warmup_epochs": -1}, ValueError, "warmup_epochs"), ({"seed": 0.5}, TypeError, "seed"),
+    ({"scale_factor": 0.0}, ValueError, "scale_factor"), ({"scale_factor": 1.5}, ValueError, "scale_factor"),
+    ({"stale_scores": True, "scale_factor": 0.5}, ValueError, "stale_scores"),
+    ({"scale_factor": 0.5, "scoring_input": lambda b: b}, ValueError, "scoring_input"),
+    ({"scoring_input": "small"}, TypeError, "scoring_input"),
 ])
 def test_selective_backprop_refuses_bad_options(options, error, name):
     with pytest.raises(error, match=f"`{name}`"):
@@ -325,3 +329,81 @@ def test_cuda_16_mixed_selections_resume_exactly(options, tmp_path):
         assert torch.equal(a["indices"], b["indices"]), "selections differ after resume"
         assert torch.allclose(a["losses"], b["losses"], atol=1e-5, rtol=1e-4)
     assert torch.equal(full.history.nan_to_num(-7), resumed.history.nan_to_num(-7)) or options.get("rule") == "composer"
+
+
+# ---------------------------------------------------------------------------- cheaper scoring input
+class ImageDataset(torch.utils.data.Dataset):
+    def __init__(self, n=32, side=16, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.images, self.labels = torch.rand(n, 3, side, side, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": self.labels[i], "index": i}
+
+
+class ShapeRecordingClassifier:
+    """Wraps NoisyLabelClassifier.training_step to record the input side of every call, with or without grad."""
+
+    @staticmethod
+    def make():
+        from lightning_select.models.classifier import NoisyLabelClassifier
+
+        model = NoisyLabelClassifier(arch="cnn", width=4)
+        model.sides = []
+        step = model.training_step
+
+        def training_step(batch, batch_idx):
+            model.sides.append((torch.is_grad_enabled(), batch["image"].shape[-1]))
+            return step(batch, batch_idx)
+
+        model.training_step = training_step
+        return model
+
+
+def test_scale_factor_scores_a_downscaled_input_and_trains_the_full_one(trainer_kwargs):
+    from helpers import ScoreRecorder
+
+    pl.seed_everything(0)
+    model = ShapeRecordingClassifier.make()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    data = ImageDataset()
+    recorder = ScoreRecorder()
+    policy = SelectiveBackprop(rule="composer", keep=0.5, scale_factor=0.5)
+    trainer = pl.Trainer(callbacks=[policy, recorder], max_steps=2, **trainer_kwargs)
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=8))
+    assert model.sides == [(False, 8), (True, 16)] * 2  # the scoring pass at 8 px, training at 16 px
+    # independent: the first step's scores are the eval-mode losses of the bilinearly downscaled batch
+    from lightning_select.models.classifier import NoisyLabelClassifier
+
+    probe = NoisyLabelClassifier(arch="cnn", width=4)
+    probe.load_state_dict(start)
+    probe.eval()
+    with torch.no_grad():
+        small = torch.nn.functional.interpolate(data.images[:8], scale_factor=0.5, mode="bilinear")
+        expected = torch.nn.functional.cross_entropy(probe(small), data.labels[:8], reduction="none")
+    scores, indices, kept = recorder.steps[0]
+    assert torch.equal(indices, torch.arange(8)) and kept.numel() == 4
+    assert torch.allclose(scores, expected, atol=1e-6)
+
+
+def test_scoring_input_callable_and_bad_batches_for_scale_factor(trainer_kwargs):
+    seen = []
+
+    def first_half_channels(batch):  # any view with the same rows works
+        seen.append(batch["image"].shape)
+        return {**batch, "image": batch["image"] * 0.5}
+
+    pl.seed_everything(0)
+    model = ShapeRecordingClassifier.make()
+    trainer = pl.Trainer(callbacks=[SelectiveBackprop(rule="composer", scoring_input=first_half_channels)],
+                         max_steps=1, **trainer_kwargs)
+    trainer.fit(model, torch.utils.data.DataLoader(ImageDataset(), batch_size=8))
+    assert seen == [torch.Size([8, 3, 16, 16])]
+    policy = SelectiveBackprop(rule="composer", scale_factor=0.5, scale_key="pixels")
+    with pytest.raises(SelectionError, match="scale_key"):
+        policy.scoring_batch({"image": torch.rand(2, 3, 8, 8)})
+    with pytest.raises(SelectionError, match="scoring_input"):
+        SelectiveBackprop(scale_factor=0.5).scoring_batch({"image": torch.arange(6).view(2, 3)})

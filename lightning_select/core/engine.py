@@ -292,8 +292,11 @@ class SelectionEngine(Callback):
         if len(modes) > 1:
             raise SelectionError(f"Policies disagree on the scoring-pass mode: {sorted(modes)}; set one mode.")
         ctx.phase = "score"
+        batch = ctx.batch
+        for p in scorers:  # e.g. a downscaled input (SelectiveBackprop's scale_factor); rows stay aligned
+            batch = p.scoring_batch(batch)
         with torch.no_grad(), _module_mode(ctx.module, modes.pop()), _muted_logging(ctx.module):
-            ctx.output = step(ctx.batch)
+            ctx.output = step(batch)
             scores = self._per_sample_losses(ctx, policies, [type(p).__name__ for p in scorers], ctx.batch_size)
         assert scores is not None  # _per_sample_losses raised for a scalar
         ctx.score_output, ctx.output = ctx.output, None

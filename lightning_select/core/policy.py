@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
@@ -65,6 +65,11 @@ class SelectionPolicy(Callback):
     def is_active(self, trainer: "pl.Trainer") -> bool:
         """Whether the policy takes part in the current step (e.g. after a warm-up). Same on every rank."""
         return True
+
+    def scoring_batch(self, batch: Any) -> Any:
+        """The batch the scoring pass runs on (default: the loaded batch). It must keep the rows' order
+        and count, e.g. a downscaled image tensor; the training pass always sees the loaded batch."""
+        return batch
 
     def select(self, ctx: StepContext) -> Optional[Tensor]:
         """Return a ``[len(ctx.rows)]`` bool keep-mask or int positions into ``ctx.rows``, or None."""

@@ -8,9 +8,11 @@ logging.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_select.core import SelectionError, SelectionPolicy, StepContext
@@ -70,6 +72,11 @@ class SelectiveBackprop(SelectionPolicy):
     the paper rule the known stale scores of the batch feed the history; with Composer's rule
     ``int(keep·n_known)`` of the rows with a known score are drawn, in addition to the forced ones.
 
+    **Cheaper scoring.** ``scale_factor < 1`` scores a downscaled copy of the input (Composer's
+    option; bilinear for images), and ``scoring_input`` any user-provided view of the batch. The
+    ranking then comes from a different (cheaper) forward than the one trained; how much that costs
+    in selection quality is task-dependent and not measured here.
+
     **Schedule.** The policy selects only within ``start ≤ global_step / total_steps < end`` (total
     from ``trainer.estimated_stepping_batches``; ``current_epoch / max_epochs`` when that is
     unbounded), after ``warmup_epochs`` epochs, and not on every ``interrupt``-th batch of an epoch
@@ -99,6 +106,12 @@ class SelectiveBackprop(SelectionPolicy):
         warmup_epochs: epochs trained on everything before selecting; None = 1 for the paper rule
             (the paper), 0 for Composer's.
         seed: seed of the position-seeded draws.
+        scale_factor: score on the input resized by this factor, in (0, 1] (Composer's ``scale_factor``:
+            a cheaper scoring pass; the model must accept the smaller input, e.g. a CNN with global
+            pooling). Training always uses the full-size input.
+        scale_key: the batch key of the input to resize (a tuple batch: its first element).
+        scoring_input: a callable ``batch -> batch`` for the scoring pass instead (any downscaled or
+            cheaper view of the same rows, in the same order), e.g. shorter text sequences.
 
     Example::
 
@@ -129,6 +142,9 @@ class SelectiveBackprop(SelectionPolicy):
         stale_epochs: int = 3,
         warmup_epochs: Optional[int] = None,
         seed: int = 0,
+        scale_factor: float = 1.0,
+        scale_key: str = "image",
+        scoring_input: Optional[Callable[[Any], Any]] = None,
     ) -> None:
         who = type(self).__name__
         rule = str_option(who, "rule", rule)
@@ -160,6 +176,20 @@ class SelectiveBackprop(SelectionPolicy):
         warmup = int_option(who, "warmup_epochs", warmup_epochs, minimum=0, optional=True)
         self.warmup_epochs = (1 if rule == "paper" else 0) if warmup is None else warmup
         self.seed = int_option(who, "seed", seed)
+        self.scale_factor = real_option(who, "scale_factor", scale_factor)
+        if not 0.0 < self.scale_factor <= 1.0:
+            raise ValueError(f"{who}: expected `scale_factor` in (0, 1] (the scoring input's size relative to the "
+                             f"training input; Composer uses e.g. 0.5), but got {scale_factor}.")
+        self.scale_key = str_option(who, "scale_key", scale_key)
+        if scoring_input is not None and not callable(scoring_input):
+            raise TypeError(f"{who}: expected `scoring_input` to be a callable batch -> batch, but got {scoring_input!r}.")
+        if scoring_input is not None and self.scale_factor < 1.0:
+            raise ValueError(f"{who}: pass either `scale_factor` < 1 or `scoring_input`, not both; a custom "
+                             "`scoring_input` can downscale itself.")
+        if self.stale_scores and (scoring_input is not None or self.scale_factor < 1.0):
+            raise ValueError(f"{who}: `stale_scores`=True runs no scoring pass, so `scale_factor`/`scoring_input` "
+                             "would do nothing; drop them or set stale_scores=False.")
+        self.scoring_input = scoring_input
         self.needs_global_rows = self.stale_scores  # the stale table is fed from every rank's trained rows
         self.history = torch.full((self.history_size,), float("nan"))  # recent losses, NaN = empty slot
         self.history_next = 0  # the ring buffer's next slot
@@ -252,6 +282,37 @@ class SelectiveBackprop(SelectionPolicy):
         self.table = None if table is None else SampleTable.from_state_dict(table)
 
     # ------------------------------------------------------------------ selection
+    def scoring_batch(self, batch: Any) -> Any:
+        """The scoring pass's input: the user's ``scoring_input(batch)``, or the batch with its
+        ``scale_key`` tensor (the first element of a tuple batch) resized by ``scale_factor`` with
+        ``F.interpolate`` (linear / bilinear / trilinear for 3-, 4- and 5-d inputs, as Composer)."""
+        if self.scoring_input is not None:
+            return self.scoring_input(batch)
+        if self.scale_factor == 1.0:
+            return batch
+        if isinstance(batch, Mapping):
+            if self.scale_key not in batch:
+                raise SelectionError(f"SelectiveBackprop(scale_factor={self.scale_factor}) looks for the input under "
+                                     f"`scale_key`={self.scale_key!r}, but the batch has keys {sorted(batch)}; set "
+                                     "scale_key to the image column.")
+            x = batch[self.scale_key]
+        elif isinstance(batch, (tuple, list)) and batch:
+            x = batch[0]
+        else:
+            raise SelectionError(f"SelectiveBackprop(scale_factor={self.scale_factor}) needs a dict or tuple batch, "
+                                 f"but got {type(batch).__name__}; pass `scoring_input` to downscale it yourself.")
+        modes = {3: "linear", 4: "bilinear", 5: "trilinear"}
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() not in modes:
+            raise SelectionError(
+                f"SelectiveBackprop(scale_factor={self.scale_factor}) resizes a float [B, C, *spatial] input with 1–3 "
+                f"spatial dims, but the input is {type(x).__name__}"
+                + (f" of shape {tuple(x.shape)} and dtype {x.dtype}" if isinstance(x, Tensor) else "")
+                + "; pass `scoring_input` for other inputs, or scale_factor=1.")
+        small = F.interpolate(x, scale_factor=self.scale_factor, mode=modes[x.dim()])
+        if isinstance(batch, Mapping):
+            return {**batch, self.scale_key: small}
+        return type(batch)([small, *batch[1:]]) if isinstance(batch, list) else (small, *batch[1:])
+
     def select(self, ctx: StepContext) -> Optional[Tensor]:
         n = ctx.rows.numel()
         if not self._selecting:
