@@ -26,6 +26,7 @@ uniform_subset                 2b      ``UniformSubset(keep=0.5)``
 selective_backprop             4b      ``SelectiveBackprop()`` paper rule (β=3 keeps ~1/4; first
                                        epoch trains all 4b rows per step: the paper's warm-up)
 selective_backprop_composer    2b      ``SelectiveBackprop(rule="composer", keep=0.5)``
+…_composer_scaled              2b      the same, scoring on inputs downscaled ×0.5 (CIFAR only)
 selective_backprop_stale       4b      ``SelectiveBackprop(stale_scores=True)`` (paper rule)
 importance_sampling            3b      ``ImportanceSampling(keep=1/3, score="gradient_norm")``
 rho_loss                       10b     ``ReducibleLossSelection(keep=0.1)``, table built from the
@@ -69,8 +70,9 @@ from lightning_select.models.classifier import NoisyLabelClassifier
 
 RESULTS = Path(__file__).parent / "results"
 ALL_ARMS = ("uniform", "uniform_subset", "selective_backprop", "selective_backprop_composer",
-            "selective_backprop_stale", "importance_sampling", "rho_loss")
+            "selective_backprop_composer_scaled", "selective_backprop_stale", "importance_sampling", "rho_loss")
 LOAD = {"uniform": 1, "uniform_subset": 2, "selective_backprop": 4, "selective_backprop_composer": 2,
+        "selective_backprop_composer_scaled": 2,
         "selective_backprop_stale": 4, "importance_sampling": 3, "rho_loss": 10}
 DATASET_DEFAULTS = {  # the harness's configs: conf/model/classifier_{mlp,cnn}.yaml
     "digits": {"batch_size": 64, "epochs": 30, "model": {"arch": "mlp", "hidden": 128, "lr": 3e-3, "weight_decay": 0.01}},
@@ -143,6 +145,18 @@ class BatchCounter(pl.Callback):
         self.mislabelled += int((batch["label"] != batch["clean_label"]).sum())
 
 
+def trained_row_counter(arm: str, callbacks: list) -> tuple[Callable[[], tuple[int, int]], SelectionAudit | None]:
+    """``(count, audit)``: ``count()`` gives ``(trained rows, mislabelled rows)`` so far. The plain ``uniform``
+    arm counts its batches (a ``BatchCounter`` is appended to ``callbacks``); every other arm reads a
+    ``SelectionAudit``, which the caller appends after its policies (``audit`` is None for ``uniform``)."""
+    if arm == "uniform":
+        counter = BatchCounter()
+        callbacks.append(counter)
+        return (lambda: (counter.rows, counter.mislabelled)), None
+    audit = SelectionAudit(datamodule_attr="train_noisy_mask")
+    return (lambda: (int(audit.totals["rows"]), int(audit.totals["mislabelled"]))), audit
+
+
 def make_datamodule(args: argparse.Namespace, seed: int, batch_size: int) -> pl.LightningDataModule:
     if args.dataset == "digits":
         return NoisyDigitsDataModule(batch_size=batch_size, noise_rate=args.noise_rate, seed=seed)
@@ -170,21 +184,16 @@ def run_one(args: argparse.Namespace, arm: str, seed: int, uniform_steps: int | 
                                  plain_loss=arm == "uniform")
     callbacks: list[pl.Callback] = []
     extra: dict[str, Any] = {}
-    audit = SelectionAudit(datamodule_attr="train_noisy_mask")
-    if arm == "uniform":
-        counter = BatchCounter()
-        callbacks.append(counter)
-        count = lambda: (counter.rows, counter.mislabelled)
-    else:
-        def count() -> tuple[int, int]:
-            t = audit.totals
-            return int(t["rows"]), int(t["mislabelled"])
+    count, audit = trained_row_counter(arm, callbacks)
+    if audit is not None:
         if arm == "uniform_subset":
             callbacks.append(UniformSubset(keep=0.5, seed=seed))
         elif arm == "selective_backprop":
             callbacks.append(SelectiveBackprop(seed=seed))
         elif arm == "selective_backprop_composer":
             callbacks.append(SelectiveBackprop(rule="composer", keep=0.5, seed=seed))
+        elif arm == "selective_backprop_composer_scaled":  # images only: the scoring pass at half the side
+            callbacks.append(SelectiveBackprop(rule="composer", keep=0.5, seed=seed, scale_factor=0.5))
         elif arm == "selective_backprop_stale":
             callbacks.append(SelectiveBackprop(stale_scores=True, seed=seed))
         elif arm == "importance_sampling":

@@ -11,7 +11,10 @@ lightning_select callback). Every other arm runs the engine with one policy:
   (no sample has a recorded loss yet);
 * ``uniform``: ``UniformSubset(keep=0.5)``, the same trained rows as ``sb_composer``;
 * ``uniform_025``: ``UniformSubset(keep=0.25)``, about the rows the paper rule keeps (``1/(β+1)``), so
-  ``sb_paper − uniform_025`` and ``sb_stale − uniform_025`` isolate the cost of choosing *which* rows.
+  ``sb_paper − uniform_025`` and ``sb_stale − uniform_025`` isolate the cost of choosing *which* rows;
+* ``importance``: ``ImportanceSampling(keep=1/3, score="loss", always_on=True)``, against
+  ``uniform_033`` (``UniformSubset(keep=1/3)``, the same trained rows). RHO-LOSS needs class targets
+  and an irreducible-loss table, so its step cost is measured in ``benchmarks/selection_noisy.py``.
 
 The arms are interleaved round by round (order reversed every other round) so that machine noise
 hits all of them; the figure is the median per-step time from batch start to batch end (forward,
@@ -38,9 +41,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import StepTimer, timed_digits_fit  # noqa: E402
 
-from lightning_select import SelectionEngine, SelectionPolicy, SelectiveBackprop, UniformSubset  # noqa: E402
+from lightning_select import (  # noqa: E402
+    ImportanceSampling,
+    SelectionEngine,
+    SelectionPolicy,
+    SelectiveBackprop,
+    UniformSubset,
+)
 
-ARMS = ["plain", "sb_paper", "sb_composer", "sb_stale", "uniform", "uniform_025"]
+ARMS = ["plain", "sb_paper", "sb_composer", "sb_stale", "uniform", "uniform_025", "importance", "uniform_033"]
 
 
 def make_policy(arm: str) -> SelectionPolicy:
@@ -54,6 +63,10 @@ def make_policy(arm: str) -> SelectionPolicy:
         return UniformSubset(keep=0.5)
     if arm == "uniform_025":
         return UniformSubset(keep=0.25)
+    if arm == "importance":  # always on, so every step pays the scoring pass and the resampling
+        return ImportanceSampling(keep=1 / 3, score="loss", always_on=True)
+    if arm == "uniform_033":
+        return UniformSubset(keep=1 / 3)
     raise ValueError(arm)
 
 
@@ -141,7 +154,8 @@ def main() -> None:
             "ms_over_matched_uniform": {
                 "sb_paper": round(1e3 * (med["sb_paper"] - med["uniform_025"]), 4),
                 "sb_stale": round(1e3 * (med["sb_stale"] - med["uniform_025"]), 4),
-                "sb_composer": round(1e3 * (med["sb_composer"] - med["uniform"]), 4)},
+                "sb_composer": round(1e3 * (med["sb_composer"] - med["uniform"]), 4),
+                "importance": round(1e3 * (med["importance"] - med["uniform_033"]), 4)},
         })
     result = {
         "benchmark": "selective_backprop_overhead",
@@ -152,7 +166,10 @@ def main() -> None:
                  "sb_composer": "SelectiveBackprop(rule='composer', keep=0.5): scoring pass every step",
                  "sb_stale": "SelectiveBackprop(stale_scores=True): no scoring pass; epoch 0 trains everything",
                  "uniform": "UniformSubset(keep=0.5)",
-                 "uniform_025": "UniformSubset(keep=0.25)"},
+                 "uniform_025": "UniformSubset(keep=0.25)",
+                 "importance": "ImportanceSampling(keep=1/3, score='loss', always_on=True): scoring pass, "
+                               "resampling with replacement, 1/(B p) weights every step",
+                 "uniform_033": "UniformSubset(keep=1/3)"},
         "epochs": args.epochs,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "accelerator": args.accelerator,

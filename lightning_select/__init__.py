@@ -31,7 +31,9 @@ from lightning_select.guides import GuideEmbeddingCache, SentenceTransformerGuid
 from lightning_select.policies import AdaptiveBatchSize, EntropySelection, GuidedNegatives, ImportanceSampling
 from lightning_select.policies import SelectionAudit
 from lightning_select.policies import ReducibleLossSelection
+from lightning_select.policies import ColorFilter
 from lightning_select.policies import SelectiveBackprop, UniformSubset
+from lightning_select.policies import OHEM, FocalWeighting, LossSoftmaxWeighting
 from lightning_select.rules import (
     ContrastiveLogits,
     EmbeddingOutput,
@@ -44,6 +46,7 @@ from lightning_select.rules import (
     info_nce_per_row,
     weighted_global_mean,
 )
+from lightning_select.core.schedule import stepping_batches
 from lightning_select.samplers import ResumableDataLoader
 from lightning_select.stats import LossHistory, SampleLossStore, SampleTable
 
@@ -68,6 +71,7 @@ __all__ = [
     "SampleIndexError",
     "SampleLossStore",
     "ReducibleLossSelection",
+    "ColorFilter",
     "SampleTable",
     "SelectionAudit",
     "SelectionEngine",
@@ -75,6 +79,9 @@ __all__ = [
     "SelectionPolicy",
     "SelectiveBackprop",
     "UniformSubset",
+    "FocalWeighting",
+    "OHEM",
+    "LossSoftmaxWeighting",
     "SentenceTransformerGuide",
     "TransformerGuide",
     "SingleDeviceSelectStrategy",
@@ -91,5 +98,6 @@ __all__ = [
     "info_nce_per_row",
     "load_guide",
     "select_batch",
+    "stepping_batches",
     "weighted_global_mean",
 ]

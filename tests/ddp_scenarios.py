@@ -19,6 +19,7 @@ from helpers import (  # noqa: E402
     IndexWeights,
     KeepWhere,
     PerSampleRegressor,
+    QuadraticPenalty,
     RandomHalf,
     regression_loader,
 )
@@ -250,6 +251,25 @@ def preemption_scenario():
                        for p, q in zip(full_model.parameters(), res_model.parameters())]}
 
 
+def eata_fisher_scenario():
+    """EATA's Fisher from a different loader on each rank (rank 0: 3 batches of 32, rank 1: 4): every rank must
+    hold the mean over all 7 batches; then 2 steps with the penalty."""
+    from policy_registry import noisy_digits_task
+    from torch.utils.data import DataLoader, Subset
+
+    from lightning_select import EntropySelection
+
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    pl.seed_everything(0)
+    model, data = noisy_digits_task(batch_size=64)
+    data.setup("fit")
+    rows = list(range(96 * rank, 96 + 128 * rank))
+    policy = EntropySelection(entropy_fraction=1.0, epsilon=1.01, fisher_alpha=100.0, fisher_input_key="image",
+                              progress=False, fisher_loader=DataLoader(Subset(data.train_set, rows), batch_size=32))
+    trainer([policy], max_steps=2).fit(model, data)
+    return {"fisher": policy.fisher, "anchors": policy.anchors, "rows": rows}
+
+
 def rho_scope_scenario():
     """RHO-LOSS, keep=0.1, one epoch with scope="rank" and one with scope="global" (noisy digits, 128 per rank)."""
     from policy_registry import noisy_digits_task, rho_table_path
@@ -280,6 +300,54 @@ def adaptive_batch_size_scenario():
     policy = AdaptiveBatchSize(test="augmented_inner_product", initial_accumulation=3, check_every=1000)
     trainer([policy], max_steps=1).fit(model, noisy_regression_loader(n=96, batch_size=8))
     return {"row": policy.window[0].clone(), "start": start}
+
+
+class StepIndices(pl.Callback):
+    """Per training step: (epoch, this rank's sample indices)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append((trainer.current_epoch, batch["index"].tolist()))
+
+
+def epoch_samplers_scenario():
+    """RS2 and hard batches (registry tasks, 64 per rank, 3 epochs): what each rank trained, the loader's sampler
+    after Lightning's set-up, and the step counts (true, Lightning's estimate, stepping_batches)."""
+    from policy_registry import _hard_policies, _rs2_policies, hard_batches_task, rs2_task
+
+    from lightning_select.core.schedule import stepping_batches
+
+    out = {}
+    for name, task, policies in (("rs2", rs2_task, _rs2_policies), ("hard_batches", hard_batches_task, _hard_policies)):
+        pl.seed_everything(0)
+        steps = StepIndices()
+        t = trainer([*policies(), steps], max_epochs=3)
+        t.fit(*task(batch_size=64))
+        loader = t.train_dataloader
+        out[name] = {"steps": steps.steps, "global_step": t.global_step, "stepping": stepping_batches(t),
+                     "estimate": t.estimated_stepping_batches, "sampler": type(loader.sampler).__name__,
+                     "batch_sampler": type(loader.batch_sampler).__name__}
+    return out
+
+
+def ohem_scope_scenario():
+    """OHEM, keep=0.25, one epoch each with scope="rank" and scope="global", in both modes (noisy digits, 128 per rank):
+    "weight": this rank's losses and 0/1 weights per step; "select": its scoring losses, indices and kept indices."""
+    from helpers import Recorder
+    from policy_registry import noisy_digits_task
+
+    from lightning_select import OHEM
+
+    out = {}
+    for mode in ("weight", "select"):
+        for scope in ("rank", "global"):
+            pl.seed_everything(0)
+            rec = Recorder() if mode == "weight" else ScoreRecorder()
+            trainer([OHEM(keep=0.25, scope=scope, mode=mode), rec], max_epochs=1).fit(*noisy_digits_task(batch_size=128))
+            out[mode, scope] = rec.records if mode == "weight" else rec.steps
+    return out
 
 
 def main():
@@ -321,7 +389,12 @@ def main():
     results["registry"] = registry_scenario()
     results["preemption"] = preemption_scenario()
     results["rho_scope"] = rho_scope_scenario()
+    # a loss term (the same on every rank) on top of unequal per-rank subsets with weights
+    results["penalty"] = grad_scenario([KeepWhere(4, (0, 1, 2)), IndexWeights(), QuadraticPenalty(0.3)])
+    results["eata_fisher"] = eata_fisher_scenario()
     results["adaptive_batch_size"] = adaptive_batch_size_scenario()
+    results["epoch_samplers"] = epoch_samplers_scenario()
+    results["ohem_scope"] = ohem_scope_scenario()
     results["gist_uneven"] = gist_uneven_scenario()  # last: it ends a fit with an exception
     rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.save(results, OUT / f"rank{rank}.pt")

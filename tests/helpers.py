@@ -94,6 +94,18 @@ class IndexWeights(SelectionPolicy):
         return 1.0 + (ctx.kept_indices % 3).float()
 
 
+class QuadraticPenalty(SelectionPolicy):
+    """Test policy: adds ``scale · Σ θ²`` over the module's parameters to the loss (a loss term)."""
+
+    def __init__(self, scale: float = 0.3) -> None:
+        self.scale = scale
+        self.calls = 0
+
+    def loss_terms(self, ctx: StepContext) -> Optional[Tensor]:
+        self.calls += 1
+        return self.scale * sum(p.square().sum() for p in ctx.module.parameters())
+
+
 class RandomHalf(SelectionPolicy):
     """Test policy: keep a random half, drawn from the engine's position-seeded generator."""
 
@@ -255,3 +267,15 @@ def noisy_regression_loader(n=64, batch_size=8, noise=1.0, seed=0):
     x = torch.randn(n, 4, generator=gen)
     y = x @ torch.tensor([1.0, -1.0, 2.0, 0.5]) + noise * torch.randn(n, generator=gen)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def resumed_batches(make_loader, stop_after: int) -> tuple[list, list]:
+    """``(full, seen + resumed)``: the batches of a fresh loader, and those of one interrupted after
+    ``stop_after`` batches then resumed into a new loader from its ``state_dict`` (they must be equal)."""
+    full = [b.tolist() for b in make_loader()]
+    interrupted = make_loader()
+    it = iter(interrupted)
+    seen = [next(it).tolist() for _ in range(stop_after)]
+    resumed = make_loader()
+    resumed.load_state_dict(interrupted.state_dict())
+    return full, seen + [b.tolist() for b in resumed]

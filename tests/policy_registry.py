@@ -224,18 +224,27 @@ def _eata_policies() -> list[pl.Callback]:
     from lightning_select import EntropySelection
 
     # from scratch the paper's E0 = 0.4·ln C and ε = 0.05 keep nothing: the reliability filter is off (E0 = ln C,
-    # kept unless exactly uniform) and the redundancy filter is off (ε > 1); the weights exp(E0 − E) still apply
-    return [EntropySelection(entropy_fraction=1.0, epsilon=1.01)]
+    # kept unless exactly uniform) and the redundancy filter is off (ε > 1); the weights exp(E0 − E) still apply.
+    # The Fisher regulariser is on (estimated at the start from the datamodule's train_dataloader(), the logits of
+    # the classifier's forward on "image"), so the resume and DDP tests cover its state: the Fisher and the anchors.
+    return [EntropySelection(entropy_fraction=1.0, epsilon=1.01, fisher_alpha=100.0, fisher_input_key="image",
+                             progress=False)]
 
 
 def _eata_state(policies: list[pl.Callback]) -> dict[str, Tensor]:
-    return flatten(policies[0].state_dict())
+    return flatten(policies[0].state_dict())  # moving_average, fisher/<param> and anchors/<param>
 
 
 def _eata_check(state: dict[str, Tensor], epochs: int) -> None:
     average = state["moving_average"]
     assert average.shape == (10,) and average.dtype == torch.float32
     assert bool((average > 0).all()) and abs(float(average.sum()) - 1.0) < 1e-5  # a mean of softmax outputs
+    fisher = {k[len("fisher/"):]: v for k, v in state.items() if k.startswith("fisher/")}
+    anchors = {k[len("anchors/"):]: v for k, v in state.items() if k.startswith("anchors/")}
+    assert sorted(fisher) == sorted(anchors) == ["net.1.bias", "net.1.weight", "net.4.bias", "net.4.weight"]
+    assert all(bool((w >= 0).all()) and bool(torch.isfinite(w).all()) and w.shape == anchors[k].shape
+               for k, w in fisher.items())
+    assert all(float(w.max()) > 0 for w in fisher.values())  # every parameter matters for the pseudo-labels
 
 
 # ---------------------------------------------------------------------------- AdaptiveBatchSize
@@ -264,6 +273,156 @@ def _abs_check(state: dict[str, Tensor], epochs: int) -> None:
     assert bool(torch.isfinite(state["decisions"][:, 1]).all())
     # the batch grows, not the data: every sample still trained once per epoch (LossHistory is exact)
     assert int(state["history/count"].sum()) == epochs * DIGITS_TRAIN_SIZE
+
+
+# ---------------------------------------------------------------------------- ColorFilter (CoLoR-Filter)
+COLOR_KEPT = 287  # ⌊1149 / 4⌋ with tau=4
+
+
+@functools.lru_cache(maxsize=None)
+def color_subset_path() -> str:
+    """A prebuilt CoLoR-Filter subset file (tau=4) for :func:`noisy_digits_task` in a per-process temp folder."""
+    import tempfile
+
+    from lightning_select.data.noisy_labels import NoisyDigitsDataModule
+    from lightning_select.models.classifier import NoisyLabelClassifier
+    from lightning_select.policies.color_filter import build_color_subset_from_datamodule
+
+    dm = NoisyDigitsDataModule()
+    dm.setup("fit")
+    path = Path(tempfile.mkdtemp(prefix="color_subset_")) / "digits_noisy.pt"
+    build_color_subset_from_datamodule(dm, lambda: NoisyLabelClassifier(arch="mlp", hidden=32), path, tau=4,
+                                       prior_epochs=5, conditional_epochs=5, lr=3e-3, progress=False)
+    return str(path)
+
+
+def color_task(batch_size: int = 256) -> tuple[pl.LightningModule, Any]:
+    """:func:`noisy_digits_task` training on the kept quarter of :func:`color_subset_path` (``sampler="subset_file"``)."""
+    from lightning_select.data.noisy_labels import NoisyDigitsDataModule
+    from lightning_select.models.classifier import NoisyLabelClassifier
+
+    return NoisyLabelClassifier(arch="mlp", hidden=32), NoisyDigitsDataModule(
+        batch_size=batch_size, sampler="subset_file", subset_path=color_subset_path())
+
+
+def _color_policies() -> list[pl.Callback]:
+    from lightning_select import ColorFilter
+
+    return [ColorFilter(color_subset_path(), tau=4, build_if_missing=False, check_options=False, progress=False)]
+
+
+def _color_check(state: dict[str, Tensor], epochs: int) -> None:
+    # single process: the kept 287 once per epoch, in batches of 256 and 31
+    assert int(state["trained_rows"]) == epochs * COLOR_KEPT and int(state["steps"]) == epochs * 2
+    assert int(state["num_kept"]) == COLOR_KEPT and int(state["num_samples"]) == NOISY_DIGITS_TRAIN_SIZE
+
+
+# ---------------------------------------------------------------------------- RS2 and hard batches (epoch samplers)
+RS2_FRACTION = 0.3  # m = ⌈0.3 · 1149⌉ = 345 per epoch (odd: padded under DDP); epoch 3 straddles two permutations
+
+
+def rs2_task(batch_size: int = 256) -> tuple[pl.LightningModule, Any]:
+    """:func:`noisy_digits_task`, each epoch on a fresh RS2 subset (``sampler="rs2"``); observed by ``LossHistory``."""
+    from lightning_select.data.noisy_labels import NoisyDigitsDataModule
+    from lightning_select.models.classifier import NoisyLabelClassifier
+
+    return NoisyLabelClassifier(arch="mlp", hidden=32), NoisyDigitsDataModule(
+        batch_size=batch_size, sampler="rs2", rs2_fraction=RS2_FRACTION)
+
+
+def _rs2_policies() -> list[pl.Callback]:
+    # epoch 3 straddles two permutations: the sampler keeps it free of repeated samples
+    return [LossHistory()]
+
+
+def _rs2_check(state: dict[str, Tensor], epochs: int) -> None:
+    # single process: the history counts each sample once per step that trained it; replay the sampler's subsets
+    from lightning_select.samplers import RS2Sampler
+
+    sampler, expected = RS2Sampler(NOISY_DIGITS_TRAIN_SIZE, RS2_FRACTION, seed=0), torch.zeros(NOISY_DIGITS_TRAIN_SIZE)
+    for epoch in range(epochs):
+        subset = torch.tensor(sampler.indices(epoch))
+        for step in subset.split(256):
+            expected[step.unique()] += 1
+    assert torch.equal(state["count"].double(), expected.double()) and int(expected.sum()) == epochs * 345
+
+
+# δ = 0.8 keeps k = 4 of the b = 5 batches of 256 (single process; under DDP 5 global batches of 2 · 128), so the
+# 4-epoch run (5 + 3 · 4 = 17 steps) has twice the steps of the resumed 2 epochs (2 · 4) plus one, as the resume
+# tests expect (len(resumed) == len(full) // 2); the resumed epochs 2 and 3 train the 4 hardest batches.
+HARD_FRACTION = 0.8
+
+
+def hard_batches_task(batch_size: int = 256) -> tuple[pl.LightningModule, Any]:
+    """:func:`noisy_digits_task` with fixed batches, later epochs only the hardest (``sampler="hard_batches"``)."""
+    from lightning_select.data.noisy_labels import NoisyDigitsDataModule
+    from lightning_select.models.classifier import NoisyLabelClassifier
+
+    return NoisyLabelClassifier(arch="mlp", hidden=32), NoisyDigitsDataModule(
+        batch_size=batch_size, sampler="hard_batches", hard_fraction=HARD_FRACTION)
+
+
+def _hard_policies() -> list[pl.Callback]:
+    from lightning_select.policies import HardBatches
+
+    return [HardBatches()]
+
+
+def _hard_check(state: dict[str, Tensor], epochs: int) -> None:
+    losses = state["sampler/losses"]  # epoch 0 trains (and records) every batch once
+    assert losses.shape == (5,) and losses.dtype == torch.float32
+    assert bool(torch.isfinite(losses).all()) and float(losses.min()) > 0
+
+
+# ---------------------------------------------------------------------------- FocalWeighting, OHEM, LossSoftmaxWeighting
+# Stateless rules: each policy keeps running totals of what it did (steps; rows, kept rows, Σw, Σw², Σ score summed
+# over every rank), which the resume and DDP tests compare bit for bit.
+FOCAL_ALPHA = [0.05 + 0.95 * (c / 9) ** 2 for c in range(10)]  # per-class α: the cap max(w)/mean(w) <= 2 bites
+
+
+def _weighting_state(policies: list[pl.Callback]) -> dict[str, Tensor]:
+    return {k: torch.as_tensor(v) for k, v in policies[0].state_dict().items()}  # steps, sums [5] fp64
+
+
+def _focal_policies() -> list[pl.Callback]:
+    from lightning_select import FocalWeighting
+
+    return [FocalWeighting(gamma=2.0, alpha=FOCAL_ALPHA, max_weight_ratio=2.0)]
+
+
+def _focal_check(state: dict[str, Tensor], epochs: int) -> None:
+    rows, kept, w_sum, w_sq, pt_sum = state["sums"].tolist()
+    assert int(state["steps"]) == epochs * NOISY_DIGITS_STEPS_PER_EPOCH
+    assert rows == kept == epochs * NOISY_DIGITS_TRAIN_SIZE
+    assert 0 < w_sum and w_sq > 0 and 0 < pt_sum < rows  # p_t in (0, 1)
+
+
+def _ohem_policies() -> list[pl.Callback]:
+    from lightning_select import OHEM
+
+    return [OHEM(keep=0.25, scope="global", mode="select")]
+
+
+def _ohem_check(state: dict[str, Tensor], epochs: int) -> None:
+    # single process, keep=0.25: ⌈64⌉ of each full batch of 256 and ⌈31.25⌉ = 32 of the last 125
+    rows, kept, w_sum, w_sq, loss_sum = state["sums"].tolist()
+    assert int(state["steps"]) == epochs * NOISY_DIGITS_STEPS_PER_EPOCH
+    assert rows == epochs * NOISY_DIGITS_TRAIN_SIZE and kept == w_sum == w_sq == epochs * (4 * 64 + 32)
+    assert loss_sum > 0
+
+
+def _loss_softmax_policies() -> list[pl.Callback]:
+    from lightning_select import LossSoftmaxWeighting
+
+    return [LossSoftmaxWeighting(temperature=1.0, max_weight_ratio=4.0)]
+
+
+def _loss_softmax_check(state: dict[str, Tensor], epochs: int) -> None:
+    rows, kept, w_sum, w_sq, loss_sum = state["sums"].tolist()
+    assert int(state["steps"]) == epochs * DIGITS_STEPS_PER_EPOCH
+    assert rows == kept == epochs * DIGITS_TRAIN_SIZE
+    assert abs(w_sum - rows) < 1e-3 * rows  # mean weight 1, kept by the cap
+    assert w_sq > rows and loss_sum > 0  # the weights are not all equal
 
 
 REGISTRY: list[PolicyCase] = [
@@ -315,6 +474,37 @@ REGISTRY: list[PolicyCase] = [
         name="adaptive_batch_size", selector="adaptive_batch_size", make_policies=_abs_policies,
         make_task=digits_task, state=_abs_state, activity=lambda s: int(s["decisions"].shape[0]),
         metric="adaptive_batch_size/accumulation", check=_abs_check,
+    ),
+    PolicyCase(
+        name="color_filter", selector="color_filter", make_policies=_color_policies, make_task=color_task,
+        state=lambda p: {k: torch.as_tensor(v) for k, v in p[0].state_dict().items()},
+        activity=lambda s: int(s["trained_rows"]), metric="color/kept_share", check=_color_check,
+        hydra_metric="heldout/accuracy",
+    ),
+    PolicyCase(
+        name="rs2", selector="rs2", make_policies=_rs2_policies, make_task=rs2_task,
+        state=lambda p: flatten(p[0].store.state_dict()), activity=lambda s: int(s["count"].sum()),
+        metric="history/coverage", check=_rs2_check,
+        hydra_metric="heldout/accuracy",
+    ),
+    PolicyCase(
+        name="hard_batches", selector="hard_batches", make_policies=_hard_policies, make_task=hard_batches_task,
+        state=lambda p: flatten(p[0].state_dict()), activity=lambda s: int(torch.isfinite(s["sampler/losses"]).sum()),
+        metric="hard_batches/batch_loss", check=_hard_check, hydra_metric="heldout/accuracy",
+    ),
+    PolicyCase(
+        name="focal", selector="focal", make_policies=_focal_policies, make_task=noisy_digits_task,
+        state=_weighting_state, activity=lambda s: int(s["steps"]), metric="focal/weight_mean", check=_focal_check,
+        hydra_metric="heldout/accuracy",
+    ),
+    PolicyCase(
+        name="ohem", selector="ohem", make_policies=_ohem_policies, make_task=noisy_digits_task,
+        state=_weighting_state, activity=lambda s: int(s["sums"][1]), metric="ohem/kept_fraction", check=_ohem_check,
+    ),  # the Hydra file runs mode="weight" on the contrastive default: every loaded row stays in the step (weight 0/1)
+    PolicyCase(
+        name="loss_softmax", selector="loss_softmax", make_policies=_loss_softmax_policies, make_task=digits_task,
+        state=_weighting_state, activity=lambda s: int(s["steps"]), metric="loss_softmax/max_mean_ratio",
+        check=_loss_softmax_check,
     ),
 ]
 REGISTRY_BY_NAME = {case.name: case for case in REGISTRY}

@@ -287,3 +287,146 @@ def test_adaptive_batch_size_evidence_uses_the_unsynchronised_micro_batches(rank
                             (a - c.pow(2) / g2).sum(), g2, torch.tensor(6.0)])
     got = ranks[0]["adaptive_batch_size"]["row"] + ranks[1]["adaptive_batch_size"]["row"]
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6), (got, expected)
+
+
+def test_rs2_under_ddp_shards_each_epoch_subset(ranks):
+    """Lightning keeps the RS2Sampler (no DistributedSampler of its own): the ranks split each epoch's subset."""
+    from lightning_select.samplers import RS2Sampler
+
+    res = [ranks[r]["epoch_samplers"]["rs2"] for r in range(2)]
+    subsets = RS2Sampler(1149, 0.3, seed=0)  # the registry's rs2_task: m = 345 per epoch, 173 per rank
+    for r in range(2):
+        assert res[r]["sampler"] == "RS2Sampler"
+        assert res[r]["global_step"] == res[r]["stepping"] == res[r]["estimate"] == 3 * 3  # ⌈173 / 64⌉ per epoch
+    assert len(res[0]["steps"]) == len(res[1]["steps"]) == 9
+    for epoch in range(3):
+        shares = [[i for e, step in res[r]["steps"] if e == epoch for i in step] for r in range(2)]
+        assert shares == [RS2Sampler(1149, 0.3, seed=0, num_replicas=2, rank=r).rank_indices(epoch) for r in range(2)]
+        assert len(shares[0]) == len(shares[1]) == 173
+        assert set(shares[0]) | set(shares[1]) == set(subsets.indices(epoch))
+
+
+def test_hard_batches_under_ddp_train_each_global_batch_as_one_step_of_both_ranks(ranks):
+    from lightning_select.samplers import HardBatchSampler
+    from lightning_select.samplers.epoch import shard
+
+    res = [ranks[r]["epoch_samplers"]["hard_batches"] for r in range(2)]
+    global_batches = HardBatchSampler(1149, 64, fraction=0.8, seed=0, num_replicas=2)  # 9 batches of 128, k = 7
+    b, k = global_batches.num_batches, global_batches.num_hard
+    assert (b, k) == (9, 7)
+    for r in range(2):
+        assert res[r]["batch_sampler"] == "HardBatchSampler" and res[r]["sampler"] == "_EpochHook"
+        assert res[r]["global_step"] == res[r]["stepping"] == b + 2 * k == 23  # the true step count
+        assert res[r]["estimate"] == 3 * b  # Lightning's estimate sizes every epoch like epoch 0
+    assert len(res[0]["steps"]) == len(res[1]["steps"]) == 23
+    ids = []
+    for (e0, rows0), (e1, rows1) in zip(res[0]["steps"], res[1]["steps"]):
+        batch = {int(global_batches.batch_of_index[i]) for i in rows0 + rows1}
+        assert e0 == e1 and len(batch) == 1  # both ranks train slices of the same global batch in a step
+        members = global_batches.batches[batch.pop()]
+        assert [rows0, rows1] == [shard(members, 2, r) for r in range(2)]
+        ids.append(int(global_batches.batch_of_index[members[0]]))
+    assert ids[:b] == global_batches.batch_ids(0)  # epoch 0: every global batch once, in the seeded order
+    assert len(set(ids[b:b + k])) == len(set(ids[b + k:])) == k
+
+
+def test_color_filter_ranks_share_the_kept_subset_like_distributed_sampler(ranks):
+    """The CoLoR-Filter registry entry (4 epochs, 128 rows per rank and step): each epoch, each rank trains
+    ⌈287 / 2⌉ = 144 kept samples and the ranks together train all 287 (one padded repeat); ColorFilter checked
+    every step that no row outside the subset was trained, and both ranks count every rank's rows."""
+    import math
+
+    from policy_registry import COLOR_KEPT
+
+    runs = [ranks[r]["registry"]["color_filter"]["full"] for r in range(2)]
+    assert len(runs[0]["steps"]) == len(runs[1]["steps"]) == 4 * 2  # 144 rows: batches of 128 and 16
+    for epoch in range(4):
+        shares = [torch.cat([s["indices"] for s in runs[r]["steps"][2 * epoch: 2 * epoch + 2]]).tolist()
+                  for r in range(2)]
+        assert len(shares[0]) == len(shares[1]) == math.ceil(COLOR_KEPT / 2)
+        assert len(set(shares[0]) | set(shares[1])) == COLOR_KEPT
+    for r in range(2):
+        assert int(runs[r]["state"]["trained_rows"]) == 4 * 2 * math.ceil(COLOR_KEPT / 2)
+
+
+def test_ddp_loss_term_adds_its_own_gradient_to_the_global_weighted_mean(ranks):
+    """Every rank adds the same penalty 0.3·Σθ² and DDP averages the gradients: the update is exactly
+    ∇(global weighted mean) + ∇penalty, although the ranks trained different numbers of rows."""
+    from helpers import PerSampleRegressor, RegressionTable, expected_weighted_grad
+
+    idx = torch.cat([ranks[r]["penalty"]["batch_indices"] for r in range(2)])
+    keep = idx % 4 != 3
+    data = RegressionTable(64)
+    expected = expected_weighted_grad(PerSampleRegressor(), data.x[idx[keep]], data.y[idx[keep]],
+                                      1.0 + (idx[keep] % 3).float())
+    penalty = [2 * 0.3 * p.detach() for p in PerSampleRegressor().net.parameters()]
+    for r in range(2):
+        for got, data_grad, penalty_grad in zip(ranks[r]["penalty"]["got"], expected, penalty):
+            assert torch.allclose(got, data_grad + penalty_grad, atol=1e-6), (r, got - data_grad - penalty_grad)
+
+
+def test_ddp_eata_fisher_is_the_mean_over_every_ranks_batches(ranks):
+    """Rank 0 estimated on 3 batches and rank 1 on 4 others: both hold the mean over all 7 (recomputed here)."""
+    import torch.nn.functional as F
+    from policy_registry import noisy_digits_task
+
+    res = [ranks[r]["eata_fisher"] for r in range(2)]
+    for key in ("fisher", "anchors"):
+        assert sorted(res[0][key]) == sorted(res[1][key])
+        assert all(torch.equal(res[0][key][n], res[1][key][n]) for n in res[0][key]), key
+    model, data = noisy_digits_task()
+    model.load_state_dict({f"{n}": t for n, t in res[0]["anchors"].items()}, strict=False)
+    data.setup("fit")
+    params = dict(model.named_parameters())
+    sums = {n: torch.zeros_like(p) for n, p in params.items()}
+    for r in range(2):
+        rows = res[r]["rows"]
+        for start in range(0, len(rows), 32):
+            images = torch.stack([data.train_set[i]["image"] for i in rows[start:start + 32]])
+            logits = model(images)
+            grads = torch.autograd.grad(F.cross_entropy(logits, logits.argmax(-1)), list(params.values()))
+            for n, g in zip(params, grads):
+                sums[n] += g**2
+    for n, total in sums.items():
+        assert torch.allclose(res[0]["fisher"][n], total / 7, rtol=1e-4, atol=1e-10), n
+
+
+def test_ohem_per_rank_and_global_scope_keep_the_top_quarter(ranks):
+    """OHEM(keep=0.25): scope="rank" keeps each rank's top ⌈0.25·B⌉; scope="global" keeps the top ⌈0.25·(B0 + B1)⌉ of
+    both ranks' losses (ties: rank 0 first, then position), so the ranks keep different counts. Checked in both
+    modes: the 0/1 weights on the training losses ("weight") and the kept rows of the scoring losses ("select")."""
+    import math
+
+    def top(values, k):
+        return sorted(sorted(range(len(values)), key=lambda i: (-values[i], i))[:k])
+
+    def kept_positions(values_per_rank, scope):
+        if scope == "rank":
+            return [top(v, math.ceil(round(0.25 * len(v), 9))) for v in values_per_rank]
+        flat, width = values_per_rank[0] + values_per_rank[1], len(values_per_rank[0])
+        chosen = top(flat, math.ceil(round(0.25 * len(flat), 9)))
+        return [[g - r * width for g in chosen if (g >= width) == bool(r)] for r in range(2)]
+
+    res = [ranks[r]["ohem_scope"] for r in range(2)]
+    for scope in ("rank", "global"):
+        counts = []
+        weight_steps = list(zip(res[0]["weight", scope], res[1]["weight", scope]))
+        assert len(weight_steps) == 5
+        for step in weight_steps:
+            expected = kept_positions([s["losses"].tolist() for s in step], scope)
+            for s, positions in zip(step, expected):
+                assert s["weights"].nonzero().flatten().tolist() == positions, scope
+                assert set(s["weights"].unique().tolist()) <= {0.0, 1.0}
+            counts.append([len(p) for p in expected])
+        select_steps = list(zip(res[0]["select", scope], res[1]["select", scope]))
+        assert len(select_steps) == 5
+        for step in select_steps:
+            expected = kept_positions([scores.tolist() for scores, _, _ in step], scope)
+            for (_, indices, kept), positions in zip(step, expected):
+                assert kept.tolist() == indices[positions].tolist(), scope
+            if scope == "global":
+                counts.append([len(p) for p in expected])
+        if scope == "rank":
+            assert all(c[0] == c[1] for c in counts)
+        else:
+            assert any(c[0] != c[1] for c in counts), counts  # the global top-k is shared unevenly

@@ -1,4 +1,5 @@
-"""Epoch-level baselines (issue 8): RS2 (``RS2Sampler``) and hard batches (``HardBatchSampler`` + ``HardBatches``)."""
+"""Epoch-level baselines (issue 8): RS2 (``RS2Sampler``) and hard batches (``HardBatchSampler`` + ``HardBatches``),
+in one process and sharded across DDP ranks, and the true step count of hard-batch runs (``stepping_batches``)."""
 
 from __future__ import annotations
 
@@ -101,15 +102,24 @@ def test_rs2_trainer_runs_the_reduced_step_count(tmp_path):
         assert [i for b in log.epochs[epoch] for i in b] == sampler.indices(epoch)
 
 
-@pytest.mark.parametrize("sampler", ["rs2", "hard_batches"])
-def test_datamodule_refuses_the_epoch_samplers_under_ddp(sampler):
+def test_datamodule_shards_the_epoch_samplers_under_ddp():
     from types import SimpleNamespace
 
-    data = NoisyDigitsDataModule(sampler=sampler)
+    from torch.utils.data import DistributedSampler
+
+    data = NoisyDigitsDataModule(batch_size=32, sampler="rs2", rs2_fraction=0.1)
     data.setup()
-    data.trainer = SimpleNamespace(world_size=2)
-    with pytest.raises(ValueError, match="single process only"):
-        data.train_dataloader()
+    data.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    sampler = data.train_dataloader().sampler
+    assert isinstance(sampler, RS2Sampler) and isinstance(sampler, DistributedSampler)
+    assert (sampler.num_replicas, sampler.rank, len(sampler)) == (2, 1, 58)  # ⌈115 / 2⌉
+    hard = NoisyDigitsDataModule(batch_size=32, sampler="hard_batches")
+    hard.setup()
+    hard.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    loader = hard.train_dataloader()
+    batches = loader.batch_sampler
+    assert isinstance(batches, HardBatchSampler) and (batches.num_replicas, batches.rank) == (2, 1)
+    assert batches.num_batches == math.ceil(N_TRAIN / 64) and loader.sampler is batches.sampler
 
 
 def test_datamodule_refuses_unknown_sampler():
@@ -261,3 +271,284 @@ def test_lightning_set_epoch_reaches_the_no_duplicates_batch_sampler():
     first = [b.tolist() for b in loader]
     _set_sampler_epoch(loader, 1)
     assert sampler.epoch == 1 and [b.tolist() for b in loader] != first  # a new order in the new epoch
+
+
+# ------------------------------------------------------------------------------------- under DDP
+def _distributed_reference(items, world, rank, drop_last=False):
+    """torch's own DistributedSampler over positions of ``items`` (no shuffle), mapped back to the items."""
+    from torch.utils.data import DistributedSampler
+
+    positions = DistributedSampler(range(len(items)), num_replicas=world, rank=rank, shuffle=False,
+                                   drop_last=drop_last)
+    return [items[i] for i in positions]
+
+
+@pytest.mark.parametrize("n, fraction, world, drop_last", [
+    (100, 0.25, 2, False),   # m = 25: one padded sample
+    (100, 0.24, 4, False),   # m = 24: no padding, disjoint shares
+    (1149, 0.3, 2, False),   # m = 345, epoch 3 straddles two permutations
+    (1149, 0.3, 3, True),    # m = 345 = 3 · 115
+    (10, 0.5, 4, True),      # m = 5: the tail sample is dropped
+    (7, 0.3, 4, False),      # m = 3 < W: wrapped padding
+])
+def test_rs2_shards_each_epoch_subset_like_distributed_sampler(n, fraction, world, drop_last):
+    single = RS2Sampler(n, fraction, seed=5)
+    ranks = [RS2Sampler(n, fraction, seed=5, num_replicas=world, rank=r, drop_last=drop_last) for r in range(world)]
+    m = single.subset_size
+    per_rank = m // world if drop_last else math.ceil(m / world)
+    for epoch in range(4):
+        subset = single.indices(epoch)
+        shares = [epochs_of(r, epoch + 1)[-1] for r in ranks]
+        assert [len(s) for s in shares] == [len(r) for r in ranks] == [per_rank] * world  # equal lengths
+        assert shares == [_distributed_reference(subset, world, r, drop_last) for r in range(world)]
+        flat = [i for share in shares for i in share]
+        if drop_last:
+            assert sorted(flat) == sorted(subset[: per_rank * world])
+        else:
+            assert set(flat) == set(subset)  # the union over ranks is the epoch's subset
+        if m % world == 0:
+            assert sorted(flat) == sorted(subset)  # no padding: disjoint shares
+    assert ranks[0].indices(2) == single.indices(2)  # the subset itself does not depend on the world size
+
+
+def test_rs2_sharded_loader_resumes_mid_epoch_exactly():
+    from lightning_select.samplers import ResumableDataLoader
+
+    def loader():
+        sampler = RS2Sampler(103, 0.5, seed=2, num_replicas=2, rank=1)
+        sampler.set_epoch(3)
+        return ResumableDataLoader(list(range(103)), batch_size=4, sampler=sampler)
+
+    from helpers import resumed_batches
+
+    full, resumed = resumed_batches(loader, stop_after=5)
+    assert resumed == full and len(full) == math.ceil(26 / 4)
+
+
+def test_lightning_leaves_the_self_sharding_samplers_in_place():
+    """Lightning re-builds a training loader under DDP unless ``loader.sampler`` is a DistributedSampler."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.connectors.data_connector import _DataConnector
+    from torch.utils.data import DataLoader
+
+    from lightning_select.samplers import ResumableDataLoader
+
+    connector = SimpleNamespace(trainer=SimpleNamespace(_accelerator_connector=SimpleNamespace(
+        use_distributed_sampler=True, is_distributed=True)))
+    requires = lambda loader: _DataConnector._requires_distributed_sampler(connector, loader)
+    data = list(range(40))
+    assert not requires(ResumableDataLoader(data, batch_size=4, sampler=RS2Sampler(40, 0.5, num_replicas=2)))
+    assert not requires(DataLoader(data, batch_size=4, sampler=RS2Sampler(40, 0.5, num_replicas=2)))
+    hard = HardBatchSampler(40, 4, num_replicas=2, rank=1)
+    loader = ResumableDataLoader(data, batch_sampler=hard)
+    assert not requires(loader) and loader.sampler is hard.sampler
+    assert requires(DataLoader(data, batch_sampler=HardBatchSampler(40, 4, num_replicas=2)))  # why the loader matters
+    assert requires(ResumableDataLoader(data, batch_size=4))  # an ordinary loader is still sharded by Lightning
+    with pytest.raises(ValueError, match="use_distributed_sampler=False"):  # what Lightning's injection would meet
+        HardBatchSampler(hard.sampler, batch_size=4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_replicas": 0}, "num_replicas"),
+    ({"num_replicas": 2, "rank": 2}, "rank"),
+    ({"num_replicas": 2, "rank": -1}, "rank"),
+    ({"num_replicas": 8, "drop_last": True}, "drop_last"),  # m = 5 < 8 ranks
+])
+def test_rs2_refuses_bad_replica_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RS2Sampler(10, 0.5, **kwargs)
+
+
+def test_hard_batches_ranks_take_their_slice_of_the_same_global_batches():
+    world, batch = 2, 3  # global batches of 6: 23 samples make 4 (6, 6, 6, 5)
+    ranks = [HardBatchSampler(23, batch, fraction=0.5, seed=1, num_replicas=world, rank=r) for r in range(world)]
+    assert ranks[0].batches == ranks[1].batches and [len(b) for b in ranks[0].batches] == [6, 6, 6, 5]
+    assert ranks[0].num_batches == 4 and ranks[0].num_hard == 2
+    for epoch in (0, 1, 2):
+        if epoch == 1:
+            for s in ranks:  # what HardBatches records on every rank from the gathered rows
+                for b, loss in enumerate([0.2, 0.9, 0.4, 0.7]):
+                    s.update(b, loss)
+        for s in ranks:
+            s.set_epoch(epoch)
+        ids = ranks[0].batch_ids(epoch)
+        assert ranks[1].batch_ids(epoch) == ids and ([1, 3] if epoch else [0, 1, 2, 3]) == sorted(ids)
+        steps = [list(s) for s in ranks]
+        assert [len(x) for x in steps] == [len(s) for s in ranks] == [len(ids)] * world  # same number of batches
+        for step, b in enumerate(ids):
+            members = ranks[0].batches[b]
+            slices = [steps[r][step] for r in range(world)]
+            assert slices == [_distributed_reference(members, world, r) for r in range(world)]
+            assert [len(x) for x in slices] == [batch] * world  # the 5-sample batch is padded to 3 + 3
+            assert set(slices[0]) | set(slices[1]) == set(members)
+            if len(members) == batch * world:
+                assert not set(slices[0]) & set(slices[1])  # full global batches: disjoint slices
+    assert ranks[0].total_batches(5) == 4 + 4 * 2
+
+
+def test_hard_batches_state_checks_the_world_size_and_resumes_a_rank_mid_epoch():
+    from lightning_select.samplers import ResumableDataLoader
+
+    two = HardBatchSampler(30, 3, fraction=0.5, seed=4, num_replicas=2, rank=1)
+    for b in range(two.num_batches):
+        two.update(b, (b * 7) % 5)
+    state = two.state_dict()
+    with pytest.raises(ValueError, match="number of processes"):
+        HardBatchSampler(30, 3, fraction=0.5, seed=4).load_state_dict(state)
+    older = HardBatchSampler(30, 3, fraction=0.5, seed=4).state_dict()
+    older.pop("num_replicas")  # a state saved before the DDP support: one process
+    HardBatchSampler(30, 3, fraction=0.5, seed=4).load_state_dict(older)
+
+    def loader():
+        s = HardBatchSampler(30, 3, fraction=0.5, seed=4, num_replicas=2, rank=1)
+        s.load_state_dict(state)
+        s.set_epoch(0)
+        return ResumableDataLoader(list(range(30)), batch_sampler=s)
+
+    full = [b.tolist() for b in loader()]
+    first = loader()
+    it = iter(first)
+    seen = [next(it).tolist() for _ in range(2)]
+    resumed = loader()
+    resumed.load_state_dict(first.state_dict())
+    assert seen + [b.tolist() for b in resumed] == full and len(full) == 5
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_replicas": 0}, "num_replicas"),
+    ({"num_replicas": 2, "rank": 3}, "rank"),
+    ({"num_replicas": 4, "drop_last": True}, "no full batch"),  # 10 samples < one global batch of 3 · 4
+])
+def test_hard_batches_refuse_bad_replica_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HardBatchSampler(10, 3, **kwargs)
+
+
+def _ctx(index, loss):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(phase="train", gathered={"index": torch.tensor(index), "loss": torch.tensor(loss)},
+                           log=lambda *args: None, trainer=None)
+
+
+def test_hard_batches_records_one_global_batch_from_the_gathered_rows_of_every_rank():
+    ranks = [HardBatchSampler(10, 3, fraction=0.5, seed=0, num_replicas=2, rank=r) for r in range(2)]
+    members = ranks[0].batches[1]  # the last global batch: 4 samples, sliced 2 + 2
+    assert len(members) == 4
+    big = HardBatchSampler(10, 3, fraction=0.5, seed=0, num_replicas=2)
+    first = big.batches[0]  # 6 samples
+    slices = [ranks[r].rank_slice(0) for r in range(2)]
+    assert slices[0] + slices[1] != first and sorted(slices[0] + slices[1]) == sorted(first)
+    losses = [float(i) for i in range(6)]
+    policies = [HardBatches() for _ in range(2)]
+    for policy, sampler in zip(policies, ranks):
+        policy._sampler = sampler
+        policy.observe(_ctx(slices[0] + slices[1], losses))  # the same gathered rows on every rank
+    assert [float(s.losses[0]) for s in ranks] == [2.5, 2.5] and bool(torch.isinf(ranks[0].losses[1]))
+    # a padded global batch (5 samples on 2 ranks): the repeated sample counts once
+    odd = HardBatchSampler(11, 3, fraction=0.5, seed=0, num_replicas=2)
+    last = odd.batches[1]
+    assert len(last) == 5
+    padded = odd.rank_slice(1) + HardBatchSampler(11, 3, fraction=0.5, seed=0, num_replicas=2, rank=1).rank_slice(1)
+    assert len(padded) == 6 and padded.count(last[0]) == 2
+    policy = HardBatches()
+    policy._sampler = odd
+    loss_of = {i: float(10 * k) for k, i in enumerate(last)}
+    policy.observe(_ctx(padded, [loss_of[i] for i in padded]))
+    assert float(odd.losses[1]) == pytest.approx(sum(loss_of.values()) / 5)
+    with pytest.raises(SelectionError, match="expected exactly one"):  # rows of two global batches
+        policy.observe(_ctx([odd.batches[0][0], last[0]], [1.0, 1.0]))
+
+
+# ------------------------------------------------------------------------------------- step count
+class OneCycleClassifier(NoisyLabelClassifier):
+    """OneCycle over ``stepping_batches`` (or Lightning's estimate); records the LR of every optimizer step."""
+
+    def __init__(self, use_lightning_estimate=False):
+        super().__init__(arch="mlp", hidden=16)
+        self.use_lightning_estimate, self.lrs = use_lightning_estimate, []
+
+    def configure_optimizers(self):
+        from lightning_select.core.schedule import stepping_batches
+
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        total = self.trainer.estimated_stepping_batches if self.use_lightning_estimate else stepping_batches(self.trainer)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def _hard_trainer_fit(tmp_path, model, epochs=3, **kwargs):
+    pl.seed_everything(0)
+    trainer = _trainer(tmp_path, max_epochs=epochs, callbacks=[HardBatches()], **kwargs)
+    trainer.fit(model, NoisyDigitsDataModule(batch_size=64, sampler="hard_batches", hard_fraction=0.5))
+    return trainer
+
+
+def test_stepping_batches_sizes_the_cosine_schedule_to_end_at_the_last_step(tmp_path):
+    from lightning_select.core.schedule import stepping_batches
+
+    b, k, epochs = 18, 9, 3
+    trainer = _hard_trainer_fit(tmp_path, NoisyLabelClassifier(arch="mlp", hidden=16, cosine_schedule=True), epochs)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert trainer.global_step == stepping_batches(trainer) == b + (epochs - 1) * k == scheduler.T_max == 36
+    assert trainer.estimated_stepping_batches - trainer.global_step == (epochs - 1) * (b - k) == 18  # Lightning: 54
+    assert scheduler.last_epoch == scheduler.T_max and trainer.optimizers[0].param_groups[0]["lr"] == 0.0
+
+
+def test_onecycle_from_stepping_batches_ends_exactly_and_lightnings_estimate_does_not(tmp_path):
+    exact = OneCycleClassifier()
+    trainer = _hard_trainer_fit(tmp_path, exact)
+    final = 0.1 / 25.0 / 1e4  # OneCycleLR's last value: max_lr / div_factor / final_div_factor
+    assert len(exact.lrs) == trainer.global_step == 36 and exact.lrs[-1] == pytest.approx(final, rel=1e-9)
+    assert max(exact.lrs) == pytest.approx(0.1, rel=1e-3)
+    plain = OneCycleClassifier(use_lightning_estimate=True)
+    with pytest.warns(UserWarning, match="sized for 54 steps.*takes 36 optimizer steps"):
+        _hard_trainer_fit(tmp_path / "plain", plain)
+    assert len(plain.lrs) == 36 and plain.lrs[-1] > 100 * final  # stopped 18 steps before the end of its schedule
+
+
+@pytest.mark.parametrize("kwargs", [{"accumulate_grad_batches": 4}, {"limit_train_batches": 12},
+                                    {"limit_train_batches": 0.75, "accumulate_grad_batches": 2}, {"max_steps": 40}])
+def test_stepping_batches_counts_what_lightning_trains(tmp_path, kwargs):
+    from lightning_select.core.schedule import stepping_batches
+
+    trainer = _hard_trainer_fit(tmp_path, NoisyLabelClassifier(arch="mlp", hidden=16), **kwargs)
+    assert trainer.global_step == stepping_batches(trainer) < trainer.estimated_stepping_batches
+
+
+def test_hard_batches_validates_after_every_epoch(tmp_path):
+    class ValidationEpochs(pl.Callback):
+        def __init__(self):
+            self.epochs = []
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.epochs.append(trainer.current_epoch)
+
+    seen = ValidationEpochs()
+    pl.seed_everything(0)
+    trainer = _trainer(tmp_path, max_epochs=3, callbacks=[HardBatches(), seen], limit_val_batches=1,
+                       num_sanity_val_steps=0)
+    trainer.fit(NoisyLabelClassifier(arch="mlp", hidden=16), NoisyDigitsDataModule(batch_size=64,
+                                                                                      sampler="hard_batches"))
+    assert seen.epochs == [0, 1, 2] and trainer.val_check_batch == 9  # Lightning alone: [0] (every 18 batches)
+
+
+@pytest.mark.parametrize("n, fraction", [(7, 0.3), (23, 0.7), (100, 0.3), (1149, 0.25), (1149, 0.1), (50, 1.0)])
+def test_rs2_epochs_never_repeat_a_sample_and_every_permutation_covers_the_set(n, fraction):
+    """An epoch straddling two permutations would repeat samples (the reference's loop); the sampler moves the
+    previous tail to the end of the next permutation, so the stream is still one permutation per N positions."""
+    sampler = RS2Sampler(n, fraction, seed=5)
+    stream = []
+    for epoch in range(int(4 / fraction) + 2):
+        subset = sampler.indices(epoch)
+        assert len(set(subset)) == len(subset) == sampler.subset_size, epoch
+        stream += subset
+    for k in range(len(stream) // n):
+        assert sorted(stream[k * n:(k + 1) * n]) == list(range(n)), k
+    late = RS2Sampler(n, fraction, seed=5)  # a fresh sampler (a resume) asked for a late epoch directly
+    assert late.indices(epoch) == subset and late.indices(0) == RS2Sampler(n, fraction, seed=5).indices(0)

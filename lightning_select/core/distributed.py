@@ -3,7 +3,7 @@ different lengths, and decisions every rank takes together."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -46,6 +46,33 @@ def raise_together(trainer: "pl.Trainer", local_problem: Optional[str], summary:
     if failed:
         detail = f" This rank: {local_problem}" if local_problem else ""
         raise SelectionError(summary + detail)
+
+
+def build_on_rank_zero(trainer: "pl.Trainer", build: Optional[Callable[[], object]], summary: str, barrier: str,
+                       local_problem: Optional[str] = None) -> None:
+    """Run ``build()`` on rank 0 only (an offline file that every rank then reads), then raise on every rank
+    together if it failed or if any rank has ``local_problem``, then wait for rank 0 (a barrier under DDP).
+
+    Every rank must call it at the same point; ``build=None`` builds nothing (the file is there). An
+    exception of ``build`` becomes this rank's problem, so no rank raises alone before the collectives.
+
+    Example::
+
+        >>> class OneProcess:
+        ...     world_size, global_rank = 1, 0
+        >>> built = []
+        >>> build_on_rank_zero(OneProcess(), lambda: built.append(1), "never raised", "demo")
+        >>> built
+        [1]
+    """
+    if local_problem is None and build is not None and trainer.global_rank == 0:
+        try:
+            build()
+        except Exception as err:  # noqa: BLE001  (reported by every rank together, below)
+            local_problem = f"{type(err).__name__}: {err}"
+    raise_together(trainer, local_problem, summary)
+    if trainer.world_size > 1:
+        trainer.strategy.barrier(barrier)
 
 
 def exchange_bad_rows(ctx: StepContext, local_bad: Tensor, local_rows: int) -> tuple[list[tuple[int, int]], list[int]]:

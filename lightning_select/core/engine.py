@@ -16,7 +16,8 @@ runs these stages, in order (one method each in :meth:`SelectionEngine.run_step`
 6. **Reduction** to one scalar, globally normalised under DDP (:mod:`~lightning_select.rules.reduction`).
    Its single all-reduce also carries every cross-rank decision of the step: whether any rank saw a
    non-finite loss, how many rows each rank trained (the agreed size of the observers' gather), and
-   whether any rank refused its batch's sample indices (negative or repeated values).
+   whether any rank refused its batch's sample indices (negative or repeated values). Then each
+   policy's additive ``loss_terms`` (e.g. EATA's Fisher penalty) is added to the scalar, once.
 7. **Observers**: one gather of every rank's trained rows (``ctx.gathered``) when an observer needs
    it, then each policy's ``observe`` (e.g. :class:`~lightning_select.stats.history.LossHistory`).
 
@@ -343,9 +344,44 @@ class SelectionEngine(Callback):
                 break
             self._drop_nonfinite(ctx, attempt)
             subset = True
+        term, owners = self._loss_terms(ctx, policies)                              # 6b
         if grad_cache is not None:
+            if term is not None:
+                raise SelectionError(
+                    f"{', '.join(owners)}.loss_terms() added a term to the loss, which cannot be combined "
+                    "with the gradient-cached mode (embedding_chunk_size / mini_batch_size), whose backward "
+                    "re-embeds chunk by chunk and would not back-propagate the extra term exactly once. Turn the "
+                    "term off (e.g. fisher_alpha=0) or train without embedding_chunk_size."
+                )
             loss = grad_cache.attach(loss, ctx.module)
+        elif term is not None:
+            loss = loss + term
         return loss
+
+    @staticmethod
+    def _loss_terms(ctx: StepContext, policies: list["SelectionPolicy"]) -> tuple[Optional[Tensor], list[str]]:
+        """Stage 6b: the sum of the policies' ``loss_terms`` (None when none adds one) and who added one.
+
+        Added once per micro-batch, after the finite check of the per-sample losses. A term must be the
+        same on every rank (see ``loss_terms``), so its own finite check is agreed without a collective."""
+        total: Optional[Tensor] = None
+        owners: list[str] = []
+        for p in policies:
+            term = p.loss_terms(ctx)
+            if term is None:
+                continue
+            owners.append(type(p).__name__)
+            if not isinstance(term, Tensor) or term.dim() != 0 or not term.is_floating_point():
+                raise SelectionError(f"{type(p).__name__}.loss_terms must return a float scalar tensor or None, "
+                                     f"but returned {term!r}.")
+            if not bool(torch.isfinite(term.detach())):
+                raise SelectionError(f"{type(p).__name__}.loss_terms returned a non-finite value "
+                                     f"({float(term.detach())}) at batch {ctx.batch_idx}; the parameters have "
+                                     "diverged (lower the learning rate or the term's weight).")
+            total = term.float() if total is None else total + term.float()
+        if total is not None:
+            ctx.log("select/penalty", total.detach())
+        return total, owners
 
     def _reduce(self, ctx: StepContext, gather: bool, count_norm: bool = False) -> tuple[Tensor, bool]:
         """Stage 6: the globally normalised loss and whether it is finite (agreed on every rank).

@@ -82,6 +82,20 @@ class SelectionPolicy(Callback):
         """Return ``[len(ctx.rows)]`` non-negative weights, or None for all ones."""
         return None
 
+    def loss_terms(self, ctx: StepContext) -> Optional[Tensor]:
+        """Return a scalar to add to the step's reduced loss (e.g. a regulariser), or None.
+
+        Called once per trained step (micro-batch), after the reduction (stage 6) and before the
+        observers; the engine sums the terms of every policy, adds them to the training loss and logs
+        the sum as ``select/penalty`` (log your own term as ``<policy>/penalty``). Under DDP each rank
+        adds its own term and DDP averages the gradients, so a term that is the same on every rank
+        (e.g. a function of the parameters only) contributes exactly its own gradient. The term must
+        be finite and computed from values every rank holds: a non-finite term raises on every rank.
+        Refused in the gradient-cached mode (``embedding_chunk_size``); not called when
+        ``training_step`` returns a scalar loss (no per-sample reduction runs then).
+        """
+        return None
+
     def observe(self, ctx: StepContext) -> None:
         """Record what happened (``ctx.losses``, ``ctx.gathered`` when ``needs_global_rows``)."""
 

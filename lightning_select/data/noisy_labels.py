@@ -204,6 +204,19 @@ class NoisyClassificationDataModule(pl.LightningDataModule):
         """The training set in index order, not shuffled (for per-sample tables such as irreducible losses)."""
         return self._loader(self.train_set, batch_size=batch_size or self.eval_batch_size, shuffle=False)
 
+    def subset_dataloader(self, subset_path: Union[str, os.PathLike], weighted: bool = False) -> DataLoader:
+        """The training loader over the kept samples of a CoLoR-Filter subset file (checked against the
+        training labels; :class:`~lightning_select.samplers.subset.SubsetSampler`, sharded under DDP)."""
+        from lightning_select.data.subset_file import load_subset_file
+        from lightning_select.samplers.subset import SubsetSampler
+
+        subset = load_subset_file(subset_path, targets=self.train_labels)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        sampler = SubsetSampler(subset.indices, seed=self.seed, weights=subset.kept_weights if weighted else None,
+                                num_replicas=world, rank=rank)
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, drop_last=False, sampler=sampler,
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
 
 class NoisyDigitsDataModule(NoisyClassificationDataModule):
     """scikit-learn digits (1797 images, ``[64]`` floats in [0, 1]) with symmetric label noise.
@@ -227,19 +240,32 @@ class NoisyDigitsDataModule(NoisyClassificationDataModule):
             ``"rs2"`` (:class:`~lightning_select.samplers.rs2.RS2Sampler`, a fresh ``rs2_fraction``
             of the set per epoch) or ``"hard_batches"`` (fixed batches, later epochs only the hardest
             ``hard_fraction`` of them: :class:`~lightning_select.samplers.hard_batches.HardBatchSampler`,
-            fed by the :class:`~lightning_select.policies.hard_batches.HardBatches` callback). The
-            last two are single process only.
+            fed by the :class:`~lightning_select.policies.hard_batches.HardBatches` callback). Under
+            DDP both shard themselves (they get ``trainer.world_size`` and ``trainer.global_rank``;
+            Lightning leaves them in place): RS2 shards each epoch's subset, hard batches are global
+            batches of ``batch_size · world_size``, each rank training its slice.
+            ``"subset_file"``: every epoch the kept samples of the CoLoR-Filter subset file ``subset_path``
+            (:meth:`subset_dataloader`; sharded under DDP).
         rs2_fraction: share of the training set per epoch with ``sampler="rs2"``.
         hard_fraction: share of the batches per epoch after the first with ``sampler="hard_batches"``.
+        subset_path: the subset file of ``sampler="subset_file"`` (:mod:`lightning_select.data.subset_file`).
+        subset_weighted: with ``sampler="subset_file"``, draw the kept samples by the file's weights (with
+            replacement) instead of a permutation.
     """
 
     def __init__(self, batch_size: int = 64, noise_rate: float = 0.3, holdout_fraction: float = 0.2,
                  test_fraction: float = 0.2, seed: int = 0, noise_seed: Optional[int] = None, num_workers: int = 0,
                  index_key: str = "index", eval_batch_size: int = 512, sampler: str = "shuffle",
-                 rs2_fraction: float = 0.1, hard_fraction: float = 0.5) -> None:
+                 rs2_fraction: float = 0.1, hard_fraction: float = 0.5,
+                 subset_path: Union[str, os.PathLike, None] = None, subset_weighted: bool = False) -> None:
         super().__init__(batch_size, holdout_fraction, seed, num_workers, index_key, eval_batch_size)
-        if sampler not in ("shuffle", "rs2", "hard_batches"):
-            raise ValueError(f"Expected `sampler` in ['shuffle', 'rs2', 'hard_batches'], but got {sampler!r}.")
+        if sampler not in ("shuffle", "rs2", "hard_batches", "subset_file"):
+            raise ValueError(f"Expected `sampler` in ['shuffle', 'rs2', 'hard_batches', 'subset_file'], but got "
+                             f"{sampler!r}.")
+        if (sampler == "subset_file") != (subset_path is not None):
+            raise ValueError(f"Expected `subset_path` (a CoLoR-Filter subset file) exactly with sampler='subset_file', "
+                             f"but got sampler={sampler!r}, subset_path={subset_path!r}.")
+        self.subset_path, self.subset_weighted = subset_path, bool(subset_weighted)
         for name, value in (("rs2_fraction", rs2_fraction), ("hard_fraction", hard_fraction)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
                 raise ValueError(f"Expected `{name}` in (0, 1], but got {value!r}.")
@@ -256,16 +282,17 @@ class NoisyDigitsDataModule(NoisyClassificationDataModule):
         if self.sampler == "shuffle":
             return super().train_dataloader()
         assert self.train_set is not None, "call setup() first"
-        if self.trainer is not None and self.trainer.world_size > 1:
-            raise ValueError(f"NoisyDigitsDataModule(sampler={self.sampler!r}) is single process only: the sampler is "
-                             "not sharded across DDP ranks. Use sampler='shuffle' under DDP, or train on one device.")
+        if self.sampler == "subset_file":
+            return self.subset_dataloader(self.subset_path, self.subset_weighted)  # type: ignore[arg-type]
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         common: dict[str, Any] = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
         n = len(self.train_set)
         if self.sampler == "rs2":
-            return ResumableDataLoader(self.train_set, batch_size=self.batch_size, drop_last=False,
-                                       sampler=RS2Sampler(n, self.rs2_fraction, seed=self.seed), **common)
+            return ResumableDataLoader(self.train_set, batch_size=self.batch_size, drop_last=False, **common,
+                                       sampler=RS2Sampler(n, self.rs2_fraction, seed=self.seed, num_replicas=world,
+                                                          rank=rank))
         return ResumableDataLoader(self.train_set, **common, batch_sampler=HardBatchSampler(
-            n, self.batch_size, fraction=self.hard_fraction, seed=self.seed))
+            n, self.batch_size, fraction=self.hard_fraction, seed=self.seed, num_replicas=world, rank=rank))
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is not None:

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_select.core.schedule import stepping_batches
+
 ARCHS = ("mlp", "cnn")
 
 
@@ -62,8 +64,10 @@ class NoisyLabelClassifier(pl.LightningModule):
         dropout: dropout before the last linear layer.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
-        cosine_schedule: cosine-decay the learning rate to 0 per optimizer step over
-            ``trainer.estimated_stepping_batches``.
+        cosine_schedule: cosine-decay the learning rate to 0 per optimizer step over the run's
+            optimizer steps, :func:`~lightning_select.core.schedule.stepping_batches` (Lightning's
+            ``estimated_stepping_batches``, made exact for samplers whose epochs differ in length,
+            such as hard batches).
         plain_loss: return the scalar mean loss (for a stock Trainer without the engine).
     """
 
@@ -107,6 +111,6 @@ class NoisyLabelClassifier(pl.LightningModule):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if not self.hparams.cosine_schedule:
             return optimizer
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        total = max(int(stepping_batches(self.trainer)), 1)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

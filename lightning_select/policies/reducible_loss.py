@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from lightning_select.core import SelectionError, SelectionPolicy, StepContext
 from lightning_select.core.batch import get_indices
 from lightning_select.core.context import training_loss_of
-from lightning_select.core.distributed import all_gather_rows, raise_together, valid_rows
+from lightning_select.core.distributed import all_gather_rows, build_on_rank_zero, raise_together, valid_rows
 from lightning_select.core.engine import override
 from lightning_select.core.options import bool_option, int_option, path_option, real_option, str_option
+from lightning_select.io import read_index_table, scatter_by_index, write_index_table
 from lightning_select.rules.reducible_loss import global_top_fraction, reducible_loss, threshold_of, top_fraction
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -99,20 +100,11 @@ def score_samples(model: nn.Module, loader: Iterable, target_key: str = "label",
 
 
 def _write_table(path: PathLike, n: int, indices: Tensor, losses: Tensor, targets: Tensor, meta: dict) -> Path:
-    il = torch.full((n,), float("nan"), dtype=torch.float32)
-    tg = torch.full((n,), -1, dtype=torch.int64)
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
-        raise SelectionError(f"Scored sample indices fall outside [0, {n}); is the scoring loader the training set?")
-    il[indices], tg[indices] = losses.float(), targets.long()
-    missing = int(torch.isnan(il).sum())
+    columns = scatter_by_index(n, indices, {"irreducible_loss": losses.float(), "targets": targets.long()})
+    missing = int(torch.isnan(columns["irreducible_loss"]).sum())  # a NaN loss counts as not scored
     if missing:
         raise SelectionError(f"The scoring loader missed {missing} of {n} training samples; it must cover all of them.")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save({"irreducible_loss": il, "targets": tg, "meta": {**meta, "num_samples": n}}, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees a partial table
-    return path
+    return write_index_table(path, columns, meta)  # atomic: a concurrent reader never sees a partial table
 
 
 def build_irreducible_table(model_factory: Callable[[], nn.Module], train_loader: Iterable, score_loader: DataLoader,
@@ -171,32 +163,28 @@ def load_irreducible_table(path: PathLike, targets: Optional[Tensor] = None) -> 
     Raises :class:`SelectionError` naming the file, the mismatch and the fix when the table does not
     belong to this training set (another length, or other targets at some indices).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise SelectionError(f"No irreducible-loss table at {str(path)!r}; {BUILD_HINT}.")
-    table = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(table, dict) or not {"irreducible_loss", "targets"} <= set(table):
-        raise SelectionError(f"{str(path)!r} is not an irreducible-loss table (expected the keys 'irreducible_loss' "
-                             f"and 'targets'); {BUILD_HINT}.")
-    il, stored = table["irreducible_loss"].float(), table["targets"].long()
-    if targets is not None:
-        targets = targets.long().cpu()
-        if targets.numel() != il.numel():
-            raise SelectionError(f"The irreducible-loss table {str(path)!r} holds {il.numel()} samples, but the "
-                                 f"training set has {targets.numel()}: it was built for other data; {BUILD_HINT}.")
-        wrong = (stored != targets).nonzero().flatten()
-        if wrong.numel():
-            raise SelectionError(
-                f"The irreducible-loss table {str(path)!r} does not match the training set: the stored targets "
-                f"differ at {wrong.numel()} of {il.numel()} indices (first: {wrong[:5].tolist()}; stored "
-                f"{stored[wrong[:5]].tolist()}, data {targets[wrong[:5]].tolist()}). The sample order, the split "
-                f"or the label noise changed since it was built; {BUILD_HINT}.")
-    return il, stored, dict(table.get("meta") or {})
+    columns, meta = read_index_table(path, ("irreducible_loss", "targets"), targets, "irreducible-loss table",
+                                     BUILD_HINT)
+    return columns["irreducible_loss"].float(), columns["targets"].long(), meta
 
 
-def training_targets(trainer: Any, target_key: str, index_key: Union[str, int] = "index") -> Tensor:
+def fresh_copy_factory(pl_module: Any, device: Any = None) -> Callable[[], nn.Module]:
+    """A factory of fresh instances of ``pl_module``'s class (built from its hparams) with a copy of its
+    *current* weights, on ``device`` (default: the module's): the offline models of RHO-LOSS and
+    CoLoR-Filter, with the same architecture and initial weights as the trained model."""
+    initial = copy.deepcopy(pl_module.state_dict())
+
+    def make() -> nn.Module:
+        model = type(pl_module)(**dict(pl_module.hparams))
+        model.load_state_dict(initial)
+        return model.to(pl_module.device if device is None else device)
+    return make
+
+
+def training_targets(trainer: Any, target_key: str, index_key: Union[str, int] = "index",
+                     owner: str = "ReducibleLossSelection") -> Tensor:
     """``[N]`` targets of the training set by sample index: from ``trainer.datamodule.scoring_dataloader()``
-    when it has one, else by reading every item of the training dataset."""
+    when it has one, else by reading every item of the training dataset. ``owner`` names the caller in errors."""
     datamodule = getattr(trainer, "datamodule", None)
     if datamodule is not None and hasattr(datamodule, "scoring_dataloader"):
         loader: Iterable = datamodule.scoring_dataloader()
@@ -204,13 +192,13 @@ def training_targets(trainer: Any, target_key: str, index_key: Union[str, int] =
     else:
         dataset = getattr(trainer.train_dataloader, "dataset", None)
         if dataset is None:
-            raise SelectionError("ReducibleLossSelection needs the training dataset to check the table's targets.")
+            raise SelectionError(f"{owner} needs the training dataset to check the table's targets.")
         n, loader = len(dataset), ({k: [v] if not isinstance(v, Tensor) else v.unsqueeze(0)
                                      for k, v in item.items()} for item in dataset)
     out = torch.full((n,), -1, dtype=torch.int64)
     for batch in loader:
         if not isinstance(batch, dict) or target_key not in batch:
-            raise SelectionError(f"ReducibleLossSelection(target_key={target_key!r}): the training batches hold no "
+            raise SelectionError(f"{owner}(target_key={target_key!r}): the training batches hold no "
                                  f"such key; set `target_key` to the class-target key.")
         out[get_indices(batch, index_key).cpu()] = torch.as_tensor(batch[target_key]).long().cpu()
     return out
@@ -301,13 +289,7 @@ class ReducibleLossSelection(SelectionPolicy):
 
     # ---------------------------------------------------------------- the table
     def _model_factory(self, pl_module: Any) -> Callable[[], nn.Module]:
-        initial = copy.deepcopy(pl_module.state_dict())
-
-        def make() -> nn.Module:
-            model = type(pl_module)(**dict(pl_module.hparams))
-            model.load_state_dict(initial)
-            return model.to(pl_module.device)
-        return make
+        return fresh_copy_factory(pl_module)
 
     def build_table(self, trainer: Any, pl_module: Any) -> None:
         """Build the table from ``trainer.datamodule.holdout_dataloader()`` (see the class docstring)."""
@@ -335,15 +317,8 @@ class ReducibleLossSelection(SelectionPolicy):
             if not self.build_if_missing:
                 raise SelectionError(f"ReducibleLossSelection: no irreducible-loss table at {self.table_path!r} "
                                      f"(build_if_missing=False); {BUILD_HINT}.")
-            problem = None
-            if trainer.global_rank == 0:
-                try:
-                    self.build_table(trainer, pl_module)
-                except Exception as err:  # noqa: BLE001  (reported by every rank together, below)
-                    problem = f"{type(err).__name__}: {err}"
-            raise_together(trainer, problem, "ReducibleLossSelection could not build the irreducible-loss table.")
-            if trainer.world_size > 1:
-                trainer.strategy.barrier("rho_loss_table")
+            build_on_rank_zero(trainer, lambda: self.build_table(trainer, pl_module),
+                               "ReducibleLossSelection could not build the irreducible-loss table.", "rho_loss_table")
         index_key = getattr(getattr(trainer, "datamodule", None), "index_key", "index")
         problem = None
         try:

@@ -5,10 +5,12 @@ Samplers import no Lightning: they are plain ``torch.utils.data`` objects usable
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
+
+T = TypeVar("T")
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -21,6 +23,66 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
         True
     """
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def check_replicas(owner: str, num_replicas: Any, rank: Any) -> None:
+    """Raise a ``ValueError`` naming the option unless ``num_replicas >= 1`` and ``0 <= rank < num_replicas``."""
+    if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
+        raise ValueError(f"{owner}: expected `num_replicas` to be a positive int (the DDP world size), but got "
+                         f"{num_replicas!r}.")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
+        raise ValueError(f"{owner}: expected `rank` in [0, {num_replicas}) (this process's global rank), but got "
+                         f"{rank!r}; pass trainer.global_rank with num_replicas=trainer.world_size.")
+
+
+def shard(items: Sequence[T], num_replicas: int, rank: int, drop_last: bool = False) -> list[T]:
+    """Rank ``rank``'s share of ``items``, as ``torch.utils.data.DistributedSampler`` cuts it.
+
+    ``items`` is padded by wrapping around to a multiple of ``num_replicas`` (or, with ``drop_last``,
+    its tail is cut to one), then rank ``r`` takes the positions ``r, r + W, r + 2W, …``. Every rank
+    gets the same number of items; without padding the shares are disjoint and their union is ``items``.
+
+    Example::
+
+        >>> [shard(list("abcde"), 2, r) for r in (0, 1)]
+        [['a', 'c', 'e'], ['b', 'd', 'a']]
+        >>> [shard(list("abcde"), 2, r, drop_last=True) for r in (0, 1)]
+        [['a', 'c'], ['b', 'd']]
+        >>> shard([7], 3, 2)
+        [7]
+    """
+    items = list(items)
+    if num_replicas == 1:
+        return items
+    if drop_last:
+        items = items[: len(items) - len(items) % num_replicas]
+    elif items and len(items) % num_replicas:
+        padding = num_replicas - len(items) % num_replicas
+        items = items + (items * (padding // len(items) + 1))[:padding]
+    return items[rank::num_replicas]
+
+
+class SelfShardingSampler(DistributedSampler):
+    """Base of the samplers that cut their own per-rank share: a ``DistributedSampler`` by type only.
+
+    Under DDP with ``Trainer(use_distributed_sampler=True)`` (the default) Lightning replaces the
+    sampler of every training DataLoader with its own ``DistributedSampler`` (or wraps it in a
+    ``DistributedSamplerWrapper``) unless ``loader.sampler`` already is a ``DistributedSampler``
+    (``_DataConnector._requires_distributed_sampler``). A sampler that shards itself (it takes
+    ``num_replicas`` and ``rank``, like ``DistributedSampler``) subclasses this class to declare it, so
+    Lightning leaves the loader as it is and no ``use_distributed_sampler=False`` is needed. A batch
+    sampler declares it through its ``.sampler`` (see
+    :class:`~lightning_select.samplers.resumable.ResumableDataLoader`).
+
+    ``DistributedSampler.__init__`` is not called (it needs a dataset, and a process group unless
+    ``num_replicas`` and ``rank`` are given); subclasses set ``num_replicas``, ``rank``, ``seed``,
+    ``epoch`` and ``drop_last`` and define ``__iter__``, ``__len__`` and ``set_epoch``. Other
+    ``DistributedSampler`` attributes (``num_samples``, ``total_size``, ``dataset``) are not set
+    or keep the subclass's own meaning.
+    """
+
+    def __init__(self) -> None:  # no DistributedSampler.__init__: see the class docs
+        pass
 
 
 class EpochSeededSampler(Sampler[int]):

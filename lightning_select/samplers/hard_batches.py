@@ -4,6 +4,7 @@ The batches are cut once from a seeded permutation and never change. Epoch 0 yie
 every later epoch yields the ``⌊fraction · b⌋`` batches whose recorded loss is highest (ties by
 batch id), in a seeded order. The losses are recorded by the
 :class:`~lightning_select.policies.hard_batches.HardBatches` callback (or by hand, :meth:`update`).
+Under DDP a batch is global (one optimizer step of all ranks together); each rank yields its slice.
 
 Example::
 
@@ -21,17 +22,28 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from lightning_select.samplers.epoch import epoch_generator
+from lightning_select.samplers.epoch import SelfShardingSampler, check_replicas, epoch_generator, shard
 from lightning_select.samplers.rs2 import check_sampler_options
 
 
-class _EpochHook(Sampler[int]):
+class _EpochHook(SelfShardingSampler):
     """``batch_sampler.sampler``: Lightning calls ``set_epoch`` on ``loader.sampler`` and on
     ``loader.batch_sampler.sampler`` only, so this forwards it to the batch sampler. Iterating it
-    yields the indices of the owner's current epoch, flattened."""
+    yields this rank's indices of the owner's current epoch, flattened. It declares the batch
+    sampler as already sharded (a :class:`~lightning_select.samplers.epoch.SelfShardingSampler`;
+    :class:`~lightning_select.samplers.resumable.ResumableDataLoader` shows it as ``loader.sampler``)."""
 
     def __init__(self, owner: "HardBatchSampler") -> None:
         self.owner = owner
+        self.num_replicas, self.rank, self.seed, self.drop_last = owner.num_replicas, owner.rank, owner.seed, False
+
+    @property
+    def epoch(self) -> int:  # type: ignore[override]
+        return self.owner.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.owner.set_epoch(value)
 
     def set_epoch(self, epoch: int) -> None:
         self.owner.set_epoch(epoch)
@@ -47,8 +59,8 @@ class HardBatchSampler(Sampler[list[int]]):
     """Batches of fixed membership; epochs after the first train only the ``⌊fraction · b⌋`` hardest.
 
     The ``b`` batches are cut once, in order, from ``randperm(N)`` drawn from
-    :func:`~lightning_select.samplers.epoch.epoch_generator` ``(seed, 0)`` (the last one smaller
-    unless ``drop_last``). ``losses`` (``[b]`` float32, ``+inf`` until recorded, so an unseen batch
+    :func:`~lightning_select.samplers.epoch.epoch_generator` ``(seed, 0)``, ``batch_size ·
+    num_replicas`` samples each (the last one smaller unless ``drop_last``). ``losses`` (``[b]`` float32, ``+inf`` until recorded, so an unseen batch
     counts as hardest) holds each batch's most recent recorded loss. Epoch 0 yields every batch;
     epoch ``e ≥ 1`` yields the top ``k = ⌊fraction · b⌋`` batches by recorded loss (a stable
     descending sort: ties go to the lower batch id). Either set is shuffled by
@@ -59,14 +71,35 @@ class HardBatchSampler(Sampler[list[int]]):
     only on the epoch (``b``, then ``k``). :meth:`state_dict` holds the losses (and the options, to
     check a resume); with them the batches of any epoch are reproduced exactly. :meth:`skip_batches`
     serves :class:`~lightning_select.samplers.resumable.ResumableDataLoader` on mid-epoch resume.
-    Single process only (not sharded across DDP ranks).
+    :meth:`batches_in_epoch` and :meth:`total_batches` give the true per-epoch and total batch
+    counts, which Lightning's ``estimated_stepping_batches`` (sized from epoch 0) over-counts by
+    ``(E − 1) · (b − k)``: size step-based schedules with
+    :func:`~lightning_select.core.schedule.stepping_batches`.
+
+    **DDP: a batch is one optimizer step of all ranks.** With ``num_replicas=W`` and ``rank=r``
+    (default: one process) the batches above are *global*: every rank cuts the same ``b`` batches
+    of ``batch_size · W`` samples from the same seed, goes through the same batch ids in the same
+    order, and trains, at each step, its slice of the global batch: the batch padded by wrapping
+    around to a multiple of ``W``, positions ``r::W`` (:func:`~lightning_select.samplers.epoch.shard`,
+    as ``DistributedSampler`` cuts a dataset), so ``batch_size`` samples per rank (``⌈g / W⌉``
+    for a last batch of ``g < batch_size · W``). So every rank yields the same number of batches;
+    :class:`~lightning_select.policies.hard_batches.HardBatches` records one loss per global batch
+    from the rows of every rank (``ctx.gathered``), so every rank holds the same losses and picks
+    the same hard batches. The batches depend on ``W``, so a state saved with another world size is
+    refused. ``batch_of_index`` and ``batches`` are global; ``len()`` and iteration are this rank's.
+    The batch sampler declares itself sharded through its ``.sampler`` (a
+    :class:`~lightning_select.samplers.epoch.SelfShardingSampler`); inside a
+    :class:`~lightning_select.samplers.resumable.ResumableDataLoader` Lightning then leaves it as it
+    is (a plain ``DataLoader`` under DDP needs ``Trainer(use_distributed_sampler=False)``).
 
     Args:
         num_samples: ``N``, the size of the training set.
-        batch_size: samples per batch.
+        batch_size: samples per batch and rank (a global batch holds ``batch_size · num_replicas``).
         fraction: ``δ`` in ``(0, 1]``, the share of batches kept after the first epoch (paper: 0.5).
         seed: seed of the membership and of the per-epoch order.
-        drop_last: drop the last batch if it is smaller than ``batch_size``.
+        drop_last: drop the last global batch if it is smaller than ``batch_size · num_replicas``.
+        num_replicas: number of DDP ranks (``trainer.world_size``).
+        rank: this process's rank (``trainer.global_rank``).
 
     Example::
 
@@ -76,30 +109,44 @@ class HardBatchSampler(Sampler[list[int]]):
         >>> for batch_id, loss in enumerate([0.1, 0.9, 0.5, 0.2]):
         ...     s.update(batch_id, loss)
         >>> s.set_epoch(1)
-        >>> sorted(s.batch_ids(1)), len(s)
-        ([1, 2], 2)
+        >>> sorted(s.batch_ids(1)), len(s), s.total_batches(max_epochs=3)
+        ([1, 2], 2, 8)
+        >>> ranks = [HardBatchSampler(8, batch_size=2, fraction=0.5, num_replicas=2, rank=r) for r in (0, 1)]
+        >>> ranks[0].batches, ranks[0].batch_ids(0)  # two global batches of 2 · 2 samples, in this order
+        ([[4, 0, 7, 3], [2, 5, 1, 6]], [0, 1])
+        >>> [list(r) for r in ranks]  # rank 0 and rank 1: each one's slice of global batch 0, then of 1
+        [[[4, 7], [2, 1]], [[0, 3], [5, 6]]]
     """
 
     def __init__(self, num_samples: int, batch_size: int, fraction: float = 0.5, seed: int = 0,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, num_replicas: int = 1, rank: int = 0) -> None:
+        if isinstance(num_samples, Sampler):
+            raise ValueError("HardBatchSampler: got a sampler as `num_samples`: Lightning is re-building the batch "
+                             "sampler to inject its DistributedSampler. Build the loader as a ResumableDataLoader "
+                             "(which declares the batch sampler as sharded) and pass `num_replicas` and `rank`, or "
+                             "create the Trainer with `use_distributed_sampler=False`.")
         check_sampler_options("HardBatchSampler", {"num_samples": num_samples, "batch_size": batch_size}, fraction,
                               seed, "the paper's δ is 0.5")
+        check_replicas("HardBatchSampler", num_replicas, rank)
         self.num_samples, self.batch_size, self.fraction = num_samples, batch_size, float(fraction)
         self.seed, self.drop_last, self.epoch = seed, bool(drop_last), 0
+        self.num_replicas, self.rank = num_replicas, rank
+        #: samples per global batch (one optimizer step of all ranks)
+        self.global_batch_size = size = batch_size * num_replicas
         order = torch.randperm(num_samples, generator=epoch_generator(seed, 0)).tolist()
-        batches = [order[a:a + batch_size] for a in range(0, num_samples, batch_size)]
-        if self.drop_last and len(batches[-1]) < batch_size:
+        batches = [order[a:a + size] for a in range(0, num_samples, size)]
+        if self.drop_last and len(batches[-1]) < size:
             batches.pop()
         if not batches:
-            raise ValueError(f"HardBatchSampler: {num_samples} samples make no full batch of {batch_size} with "
-                             "`drop_last=True`; lower `batch_size` or set `drop_last=False`.")
+            raise ValueError(f"HardBatchSampler: {num_samples} samples make no full batch of {batch_size}·{num_replicas}"
+                             " with `drop_last=True`; lower `batch_size` or set `drop_last=False`.")
         self.batches: list[list[int]] = batches
         self.num_batches = len(batches)
         self.num_hard = math.floor(round(self.fraction * self.num_batches, 9))
         if self.num_hard < 1:
             raise ValueError(f"HardBatchSampler: `fraction`={fraction} keeps ⌊{fraction}·{self.num_batches}⌋ = 0 "
                              "batches after the first epoch; raise `fraction` or lower `batch_size`.")
-        #: ``[N]`` long: the batch id of each sample (−1 for samples dropped by ``drop_last``).
+        #: ``[N]`` long: the (global) batch id of each sample (−1 for samples dropped by ``drop_last``).
         self.batch_of_index = torch.full((num_samples,), -1, dtype=torch.long)
         for b, members in enumerate(batches):
             self.batch_of_index[torch.tensor(members)] = b
@@ -131,9 +178,25 @@ class HardBatchSampler(Sampler[list[int]]):
         self._cache = (epoch, out)
         return out
 
+    def rank_slice(self, batch_id: int) -> list[int]:
+        """This rank's samples of global batch ``batch_id`` (the whole batch in one process)."""
+        return shard(self.batches[batch_id], self.num_replicas, self.rank)
+
     def epoch_batches(self) -> list[list[int]]:
-        """The batches (sample indices) of the current epoch."""
-        return [self.batches[b] for b in self.batch_ids(self.epoch)]
+        """This rank's batches (sample indices) of the current epoch."""
+        return [self.rank_slice(b) for b in self.batch_ids(self.epoch)]
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Batches (= optimizer steps) of ``epoch``: ``b`` for epoch 0, then ``k``; the same on every rank."""
+        return self.num_batches if epoch == 0 else self.num_hard
+
+    def total_batches(self, max_epochs: int) -> int:
+        """Batches of a run of ``max_epochs`` epochs: ``b + (max_epochs − 1) · k``.
+
+        Lightning's ``estimated_stepping_batches`` is ``max_epochs · b`` (it sizes every epoch
+        from epoch 0), ``(max_epochs − 1) · (b − k)`` too many.
+        """
+        return sum(self.batches_in_epoch(e) for e in range(max(int(max_epochs), 0)))
 
     # ------------------------------------------------------------------ losses
     def update(self, batch_id: int, loss: Any) -> None:
@@ -153,12 +216,12 @@ class HardBatchSampler(Sampler[list[int]]):
         return iter([list(b) for b in self.epoch_batches()[skip:]])
 
     def __len__(self) -> int:
-        return self.num_batches if self.epoch == 0 else self.num_hard
+        return self.batches_in_epoch(self.epoch)
 
     # ------------------------------------------------------------------ state
     def _options(self) -> dict[str, Any]:
         return {"num_samples": self.num_samples, "batch_size": self.batch_size, "fraction": self.fraction,
-                "seed": self.seed, "drop_last": self.drop_last}
+                "seed": self.seed, "drop_last": self.drop_last, "num_replicas": self.num_replicas}
 
     def state_dict(self) -> dict[str, Any]:
         """The recorded losses and the options they belong to."""
@@ -166,9 +229,10 @@ class HardBatchSampler(Sampler[list[int]]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the recorded losses; refuses a state saved with other options (other batches)."""
-        saved = {k: state.get(k) for k in self._options()}
+        saved = {k: state.get(k, 1 if k == "num_replicas" else None) for k in self._options()}  # 1: older states
         if saved != self._options():
             raise ValueError(f"HardBatchSampler: the saved state belongs to a sampler with {saved}, but this one has "
-                             f"{self._options()}; resume with the same data, batch size, fraction and seed.")
+                             f"{self._options()}; resume with the same data, batch size, fraction, seed and number "
+                             "of processes.")
         self.losses = state["losses"].detach().to(torch.float32).cpu().clone()
         self._cache = None

@@ -12,6 +12,15 @@ Skipping works with the default ``BatchSampler`` (the first ``k · batch_size`` 
 sampler are dropped, so ``drop_last`` is respected) and with batch samplers that implement
 ``skip_batches(k)`` (:class:`~lightning_select.samplers.no_duplicates.NoDuplicatesBatchSampler`).
 
+A custom batch sampler that shards itself across DDP ranks declares it with a ``.sampler`` that is
+a :class:`~lightning_select.samplers.epoch.SelfShardingSampler` (a ``DistributedSampler``, e.g.
+:class:`~lightning_select.samplers.hard_batches.HardBatchSampler`). This loader then shows that
+object as ``loader.sampler``: ``torch``'s ``DataLoader`` sets ``loader.sampler`` to a
+``SequentialSampler`` whenever a ``batch_sampler`` is given (and never reads it then), while
+Lightning (``use_distributed_sampler=True``, the default) decides from ``loader.sampler`` whether to
+re-build the loader with a ``DistributedSampler`` injected into the batch sampler. So Lightning
+leaves such a loader as it is, and ``set_epoch`` still reaches the batch sampler once.
+
 Example::
 
     >>> import torch
@@ -30,7 +39,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Optional
 
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Sampler
 
 
 class SkipFirst(Sampler):
@@ -55,6 +64,10 @@ class ResumableDataLoader(DataLoader):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        declared = getattr(self.batch_sampler, "sampler", None)
+        if type(self.batch_sampler) is not BatchSampler and isinstance(declared, DistributedSampler):
+            # a self-sharding batch sampler (see the module docs); DataLoader forbids setting `sampler` once built
+            object.__setattr__(self, "sampler", declared)
         self._served = 0
         self._skip = 0
         self._skip_epoch: Optional[int] = None
