@@ -43,29 +43,28 @@ cadence); otherwise a default engine is created by the first policy.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from lightning_select.core.batch import (
-    INDEX_REFUSALS,
-    IndexKey,
-    SampleIndexError,
-    batch_size_of,
-    get_indices,
-    index_value_problem,
-    select_batch,
-)
+from lightning_select.core.batch import IndexKey, batch_size_of, get_indices, select_batch
 from lightning_select.core.context import SelectionError, StepContext, training_loss_of
 from lightning_select.core.distributed import exchange_bad_rows
 from lightning_select.core.grad_cache import GradCache
-from lightning_select.rules.contrastive import EmbeddingOutput, build_logits
+from lightning_select.core.step_parts import (
+    IndexGuard,
+    call_step,
+    module_mode,
+    muted_logging,
+    per_sample_losses,
+    policy_loss_terms,
+)
+from lightning_select.rules.contrastive import EmbeddingOutput
 from lightning_select.rules.reduction import effective_sample_size, normalise, weighted_sum_parts
 
 try:  # lightning >= 2.1 ships typing_extensions
@@ -128,7 +127,7 @@ class SelectionEngine(Callback):
         self.embedding_chunk_size = embedding_chunk_size
         self.index_key = index_key
         self.allow_repeated_indices = bool(allow_repeated_indices)
-        self._index_problem: Optional[tuple[str, list[int]]] = None  # this rank's refused indices (see _reduce)
+        self._index_guard = IndexGuard()  # this rank's refused indices; the verdict rides on _reduce
         self.nan_policy = nan_policy
         self.log_every_n_steps = log_every_n_steps
         self.policies: list["SelectionPolicy"] = []
@@ -201,14 +200,14 @@ class SelectionEngine(Callback):
     def run_step(self, module: "pl.LightningModule", step_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one training step through the seven stages (see the module docstring)."""
         policies = [p for p in self.policies if p.is_active(module.trainer)]
-        step = functools.partial(_call_step, step_fn, args[1:], kwargs)
+        step = functools.partial(call_step, step_fn, args[1:], kwargs)
         ctx = self._context(module, policies, args, kwargs)
         self._score(ctx, policies, step)                     # 1
         subset = self._select(ctx, policies)                 # 2
         loss = self._train(ctx, policies, step, subset)      # 3-6
         if loss is None:  # a scalar loss, and no policy needs per-sample values
-            if self._index_problem is not None:  # no reduction to agree on: raise here (see _checked_indices)
-                self._raise_refused_indices(ctx, None)
+            if self._index_guard.problem is not None:  # no reduction to agree on: raise here (IndexGuard.check)
+                self._index_guard.raise_refused(ctx, None)
             return ctx.output
         self._observe(ctx, policies)                         # 7
         self._log(ctx)
@@ -226,62 +225,14 @@ class SelectionEngine(Callback):
             raise SelectionError(
                 f"The batch holds {size} samples but {indices.shape[0]} sample indices; every sample needs one index."
             )
-        self._index_problem = None
+        self._index_guard.problem = None
         if policies:
-            indices = self._checked_indices(trainer, batch_idx, indices)
+            indices = self._index_guard.check(trainer, batch_idx, indices, self.allow_repeated_indices)
         every = self.log_every_n_steps or trainer.log_every_n_steps
         return StepContext(
             trainer=trainer, module=module, batch=batch, batch_idx=batch_idx, indices=indices, batch_size=size,
             rows=torch.arange(size, device=indices.device),
             should_log=trainer.logger is not None and batch_idx % every == 0,
-        )
-
-    def _checked_indices(self, trainer: "pl.Trainer", batch_idx: int, indices: Tensor) -> Tensor:
-        """Refuse negative and (unless ``allow_repeated_indices``) repeated indices before anything runs.
-
-        Missing, float/bool and misshapen indices were already refused by ``get_indices``; they depend
-        only on the dataset and collate function, so every rank raises them at the same point, before
-        any collective. Values can differ between ranks, so under DDP a refused batch is not raised
-        here (this rank alone would raise while the others wait in the reduction's all-reduce): the
-        verdict rides on that all-reduce (:meth:`_index_verdicts`) and every rank raises together,
-        before any observer records or any gradient exists. Until then this rank runs on stand-in
-        indices clamped to ``>= 0``. In one process the error is raised at once.
-        """
-        self._index_problem = index_value_problem(indices, self.allow_repeated_indices)
-        if self._index_problem is None:
-            return indices
-        if trainer.world_size == 1:
-            kind, values = self._index_problem
-            raise SampleIndexError(
-                f"Refused the sample indices of batch {batch_idx}: {INDEX_REFUSALS[kind]}. Offending values: "
-                f"{values}. Nothing was recorded for this step."
-            )
-        return indices.clamp(min=0)
-
-    def _index_verdicts(self, ctx: StepContext, like: Tensor) -> Tensor:
-        """``[W]`` zeros, with this rank's refusal code (1 + position in ``INDEX_REFUSALS``) at its rank."""
-        verdicts = like.new_zeros(ctx.world_size)
-        if self._index_problem is not None:
-            verdicts[ctx.trainer.global_rank] = 1.0 + list(INDEX_REFUSALS).index(self._index_problem[0])
-        return verdicts.detach()
-
-    def _raise_refused_indices(self, ctx: StepContext, verdicts: Optional[Tensor]) -> None:
-        """Raise the same :class:`SampleIndexError` on every rank if any rank refused its indices.
-
-        ``verdicts`` is the all-reduced :meth:`_index_verdicts`; None raises for this rank alone."""
-        if verdicts is None:
-            assert self._index_problem is not None
-            codes = {ctx.trainer.global_rank: 1 + list(INDEX_REFUSALS).index(self._index_problem[0])}
-        else:
-            codes = {r: int(round(v)) for r, v in enumerate(verdicts.tolist()) if v > 0}
-        if not codes:
-            return
-        kinds = list(INDEX_REFUSALS)
-        what = "; ".join(f"rank {r}: {INDEX_REFUSALS[kinds[c - 1]]}" for r, c in codes.items())
-        detail = f" This rank's offending values: {self._index_problem[1]}." if self._index_problem else ""
-        raise SampleIndexError(
-            f"Rank(s) {list(codes)} refused their sample indices at batch {ctx.batch_idx} ({what}). Every rank stops "
-            f"here; nothing was recorded for this step.{detail}"
         )
 
     def _score(self, ctx: StepContext, policies: list["SelectionPolicy"], step: Callable[[Any], Any]) -> None:
@@ -296,10 +247,10 @@ class SelectionEngine(Callback):
         batch = ctx.batch
         for p in scorers:  # e.g. a downscaled input (SelectiveBackprop's scale_factor); rows stay aligned
             batch = p.scoring_batch(batch)
-        with torch.no_grad(), _module_mode(ctx.module, modes.pop()), _muted_logging(ctx.module):
+        with torch.no_grad(), module_mode(ctx.module, modes.pop()), muted_logging(ctx.module):
             ctx.output = step(batch)
-            scores = self._per_sample_losses(ctx, policies, [type(p).__name__ for p in scorers], ctx.batch_size)
-        assert scores is not None  # _per_sample_losses raised for a scalar
+            scores = per_sample_losses(ctx, policies, [type(p).__name__ for p in scorers], ctx.batch_size)
+        assert scores is not None  # per_sample_losses raised for a scalar
         ctx.score_output, ctx.output = ctx.output, None
         ctx.scores, ctx.logits, ctx.phase = scores.detach(), None, "train"
 
@@ -335,7 +286,7 @@ class SelectionEngine(Callback):
                 ctx.output = grad_cache.output
             else:
                 ctx.output = step(ctx.sub_batch)
-            ctx.losses = self._per_sample_losses(ctx, policies, need_per_sample, ctx.rows.numel())  # 4
+            ctx.losses = per_sample_losses(ctx, policies, need_per_sample, ctx.rows.numel())  # 4
             if ctx.losses is None:
                 return None
             ctx.weights = self._combined_weights(ctx, policies, ctx.losses)         # 5
@@ -344,7 +295,7 @@ class SelectionEngine(Callback):
                 break
             self._drop_nonfinite(ctx, attempt)
             subset = True
-        term, owners = self._loss_terms(ctx, policies)                              # 6b
+        term, owners = policy_loss_terms(ctx, policies)                              # 6b
         if grad_cache is not None:
             if term is not None:
                 raise SelectionError(
@@ -357,31 +308,6 @@ class SelectionEngine(Callback):
         elif term is not None:
             loss = loss + term
         return loss
-
-    @staticmethod
-    def _loss_terms(ctx: StepContext, policies: list["SelectionPolicy"]) -> tuple[Optional[Tensor], list[str]]:
-        """Stage 6b: the sum of the policies' ``loss_terms`` (None when none adds one) and who added one.
-
-        Added once per micro-batch, after the finite check of the per-sample losses. A term must be the
-        same on every rank (see ``loss_terms``), so its own finite check is agreed without a collective."""
-        total: Optional[Tensor] = None
-        owners: list[str] = []
-        for p in policies:
-            term = p.loss_terms(ctx)
-            if term is None:
-                continue
-            owners.append(type(p).__name__)
-            if not isinstance(term, Tensor) or term.dim() != 0 or not term.is_floating_point():
-                raise SelectionError(f"{type(p).__name__}.loss_terms must return a float scalar tensor or None, "
-                                     f"but returned {term!r}.")
-            if not bool(torch.isfinite(term.detach())):
-                raise SelectionError(f"{type(p).__name__}.loss_terms returned a non-finite value "
-                                     f"({float(term.detach())}) at batch {ctx.batch_idx}; the parameters have "
-                                     "diverged (lower the learning rate or the term's weight).")
-            total = term.float() if total is None else total + term.float()
-        if total is not None:
-            ctx.log("select/penalty", total.detach())
-        return total, owners
 
     def _reduce(self, ctx: StepContext, gather: bool, count_norm: bool = False) -> tuple[Tensor, bool]:
         """Stage 6: the globally normalised loss and whether it is finite (agreed on every rank).
@@ -402,12 +328,12 @@ class SelectionEngine(Callback):
             counts = losses.new_zeros(world_size)
             counts[ctx.trainer.global_rank] = float(ctx.rows.numel()) if ctx.has_samples else 0.0
             parts.append(counts.detach())
-        if world_size > 1:  # each rank's index verdict (see _checked_indices), so a refused batch stops every rank
-            parts.append(self._index_verdicts(ctx, losses))
+        if world_size > 1:  # each rank's index verdict (see IndexGuard.check), so a refused batch stops every rank
+            parts.append(self._index_guard.verdicts(ctx, losses))
         totals = torch.cat(parts)
         if world_size > 1:
             totals = ctx.trainer.strategy.reduce(totals, reduce_op="sum")
-            self._raise_refused_indices(ctx, totals[-world_size:])
+            self._index_guard.raise_refused(ctx, totals[-world_size:])
             self._rows_per_rank = totals[2:-world_size].round().long().cpu() if gather else None
         return normalise(numerator, totals[0], world_size), bool(torch.isfinite(totals[1]))
 
@@ -520,64 +446,3 @@ class SelectionEngine(Callback):
         ctx.module.log("select/nonfinite_count", float(len(bad_indices)), on_step=True, on_epoch=True,
                        reduce_fx="sum", batch_size=1)
         ctx.rows = ctx.rows[~bad]
-
-    def _per_sample_losses(self, ctx: StepContext, policies: list["SelectionPolicy"], requesters: list[str],
-                           expected: int) -> Optional[Tensor]:
-        """Stage 4: ``[expected]`` fp32 per-sample losses of ``ctx.output`` (None for a permitted scalar)."""
-        raw = training_loss_of(ctx.output)
-        if isinstance(raw, EmbeddingOutput):
-            ctx.logits = build_logits(raw)
-            for p in policies:
-                p.edit_logits(ctx, ctx.logits)
-            return ctx.logits.per_row_loss()
-        embedders = [type(p).__name__ for p in policies if p.needs_embeddings]
-        if embedders:
-            raise SelectionError(
-                f"{', '.join(embedders)} edit(s) contrastive logits, but training_step returned "
-                f"{type(raw).__name__}. Return an EmbeddingOutput(anchor=..., positive=..., negatives=...) instead."
-            )
-        if not isinstance(raw, Tensor):
-            raise SelectionError(
-                f"training_step returned {type(raw).__name__}; lightning_select expects a [B] per-sample loss "
-                "tensor, a dict whose 'loss' is [B], or an EmbeddingOutput."
-            )
-        if raw.dim() == 0:
-            if requesters:
-                raise SelectionError(
-                    f"training_step returned a scalar loss, but {', '.join(requesters)} need(s) per-sample losses. "
-                    "Return the unreduced loss instead, e.g. `F.cross_entropy(logits, y, reduction='none')` "
-                    "(shape [B]), or a dict {'loss': per_sample_losses}, or an EmbeddingOutput."
-                )
-            return None
-        if raw.dim() != 1 or raw.shape[0] != expected:
-            raise SelectionError(
-                f"Expected training_step to return per-sample losses of shape [{expected}], but got "
-                f"{tuple(raw.shape)}. Reduce any extra dimensions per sample (e.g. `.mean(dim=1)`)."
-            )
-        return raw.float()
-
-
-def _call_step(step_fn: Callable[..., Any], rest: tuple, kwargs: dict, batch: Any) -> Any:
-    """The user's ``training_step`` on ``batch`` with the original ``batch_idx`` (and other) arguments."""
-    return step_fn(batch, *rest, **kwargs)
-
-
-@contextlib.contextmanager
-def _module_mode(module: torch.nn.Module, mode: str) -> Iterator[None]:
-    was_training = module.training
-    module.train(mode == "train")
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
-@contextlib.contextmanager
-def _muted_logging(module: "pl.LightningModule") -> Iterator[None]:
-    """Silence ``self.log``/``self.log_dict`` during the scoring pass so metrics are not doubled."""
-    noop = lambda *a, **k: None  # noqa: E731
-    module.log, module.log_dict = noop, noop  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del module.log, module.log_dict

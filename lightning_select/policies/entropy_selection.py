@@ -11,7 +11,8 @@ from torch import Tensor
 
 from lightning_select.core import SelectionError, SelectionPolicy, StepContext
 from lightning_select.core.distributed import raise_together
-from lightning_select.core.engine import _muted_logging, override
+from lightning_select.core.engine import override
+from lightning_select.core.step_parts import muted_logging
 from lightning_select.core.options import bool_option, int_option, real_option, str_option
 from lightning_select.rules.entropy import (
     eata_weights,
@@ -284,7 +285,7 @@ class EntropySelection(SelectionPolicy):
             was_training = pl_module.training
             devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []  # this rank's GPU
             try:
-                with torch.random.fork_rng(devices=devices), torch.enable_grad(), _muted_logging(pl_module):
+                with torch.random.fork_rng(devices=devices), torch.enable_grad(), muted_logging(pl_module):
                     pl_module.train()
                     sums, count = accumulate_fisher(params, lambda item: loss_fn(pl_module, item[1], item[0]), moved,
                                                     self.fisher_batches)
