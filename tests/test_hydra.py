@@ -109,3 +109,13 @@ def test_train_py_multirun_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("final held-out metrics") == 2
     assert sorted(p.parent.name for p in tmp_path.glob("*/loss_history.parquet")) == ["0", "1"]
+
+
+def test_readme_lists_every_selector_file():
+    """The README's list of `+selector=` names is the set of files in conf/selector (no stale or missing name)."""
+    import re
+
+    line = next(l for l in (ROOT / "README.md").read_text().splitlines() if l.startswith("- `selector`:"))
+    listed = set(re.findall(r"`([a-z0-9_]+)`", line.split(":", 1)[1]))
+    files = {p.stem for p in (ROOT / "conf" / "selector").glob("*.yaml")}
+    assert listed == files, f"README lists {sorted(listed - files)} without a file; files not listed: {sorted(files - listed)}"
