@@ -499,12 +499,14 @@ def main() -> None:
     args.batch_size = args.batch_size or defaults["batch_size"]
     torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / f"selection_noisy_{args.dataset}.json"
+    # the `worse` labels keep the historical name; other CIFAR-10N label sets get their own files and block
+    name = args.dataset if args.dataset == "digits" or args.label_set == "worse" else f"{args.dataset}_{args.label_set}"
+    out = args.out_dir / f"selection_noisy_{name}.json"
     md = args.out_dir / "selection_noisy.md"
     if args.summarise_only:
         payload = json.loads(out.read_text())
-        finish(payload, out, md, args.dataset)
-        print(tables_markdown(payload["summary"], args.dataset, payload["runs"]))
+        finish(payload, out, md, name)
+        print(tables_markdown(payload["summary"], name, payload["runs"]))
         return
 
     ok, why = rho_available()
@@ -543,7 +545,7 @@ def main() -> None:
                       + (f"  table {run['table_build_s']}s" if "table_build_s" in run else ""), flush=True)
                 payload["total_s"] = round(time.perf_counter() - start, 1)
                 payload["machine"]["loadavg_end"] = os.getloadavg()
-                finish(payload, out, md, args.dataset)
+                finish(payload, out, md, name)
     print(tables_markdown(payload["summary"], args.dataset, payload["runs"]))
 
 
