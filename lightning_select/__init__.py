@@ -34,6 +34,8 @@ from lightning_select.policies import ReducibleLossSelection
 from lightning_select.policies import ColorFilter
 from lightning_select.policies import SelectiveBackprop, UniformSubset
 from lightning_select.policies import OHEM, FocalWeighting, LossSoftmaxWeighting
+from lightning_select.policies import HardnessWeightedNegatives
+from lightning_select.policies import InfoBatch
 from lightning_select.rules import (
     ContrastiveLogits,
     EmbeddingOutput,
@@ -64,6 +66,7 @@ __all__ = [
     "GuidedNegatives",
     "ImportanceSampling",
     "IndexedDataset",
+    "InfoBatch",
     "LossHistory",
     "PreemptionCheckpoint",
     "ResumableDataLoader",
@@ -82,6 +85,7 @@ __all__ = [
     "FocalWeighting",
     "OHEM",
     "LossSoftmaxWeighting",
+    "HardnessWeightedNegatives",
     "SentenceTransformerGuide",
     "TransformerGuide",
     "SingleDeviceSelectStrategy",

@@ -332,6 +332,36 @@ def epoch_samplers_scenario():
     return out
 
 
+class EpochPlans(pl.Callback):
+    """The InfoBatch sampler's global plan of every epoch (read after InfoBatch handed it the epoch's scores)."""
+
+    def __init__(self, policy):
+        self.policy, self.plans = policy, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.plans.append(list(self.policy.sampler.indices(trainer.current_epoch)))
+
+
+def infobatch_scenario():
+    """InfoBatch (registry task, 64 per rank, 4 epochs, δ = 0.75: epochs 1-2 pruned, 3 anneals) with the cosine
+    schedule: each epoch's global plan, what each rank trained, the step counts and the final learning rate."""
+    from policy_registry import infobatch_task
+
+    from lightning_select import InfoBatch
+    from lightning_select.core.schedule import stepping_batches
+    from lightning_select.models.classifier import NoisyLabelClassifier
+
+    pl.seed_everything(0)
+    policy, steps = InfoBatch(), StepIndices()
+    plans = EpochPlans(policy)
+    t = trainer([policy, plans, steps], max_epochs=4)
+    t.fit(NoisyLabelClassifier(arch="mlp", hidden=32, cosine_schedule=True), infobatch_task(batch_size=64)[1])
+    scheduler = t.lr_scheduler_configs[0].scheduler
+    return {"plans": plans.plans, "steps": steps.steps, "global_step": t.global_step, "stepping": stepping_batches(t),
+            "T_max": scheduler.T_max, "lr": t.optimizers[0].param_groups[0]["lr"], "scores": policy.scores.clone(),
+            "sampler": type(t.train_dataloader.sampler).__name__}
+
+
 def ohem_scope_scenario():
     """OHEM, keep=0.25, one epoch each with scope="rank" and scope="global", in both modes (noisy digits, 128 per rank):
     "weight": this rank's losses and 0/1 weights per step; "select": its scoring losses, indices and kept indices."""
@@ -394,6 +424,7 @@ def main():
     results["eata_fisher"] = eata_fisher_scenario()
     results["adaptive_batch_size"] = adaptive_batch_size_scenario()
     results["epoch_samplers"] = epoch_samplers_scenario()
+    results["infobatch"] = infobatch_scenario()
     results["ohem_scope"] = ohem_scope_scenario()
     results["gist_uneven"] = gist_uneven_scenario()  # last: it ends a fit with an exception
     rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -374,6 +374,46 @@ def _hard_check(state: dict[str, Tensor], epochs: int) -> None:
     assert bool(torch.isfinite(losses).all()) and float(losses.min()) > 0
 
 
+# ---------------------------------------------------------------------------- InfoBatch
+# δ = 0.75: epochs e < 0.75·E prune, so the 2-epoch fit prunes epoch 1 and the 4-epoch runs prune epochs 1 and 2 and
+# anneal in epoch 3 (epoch 0 has no scores yet: full). With r = 0.5 about half of the 1149 samples are well-learned
+# and a pruned epoch keeps ~850 (measured 849-864): 4 steps of 256 (DDP: 4 of 2 · 128) against 5 for a full epoch,
+# so the 4-epoch run has 5 + 4 + 4 + 5 = 18 steps, twice the resumed epochs 2 and 3, as the resume tests expect.
+INFOBATCH_DELTA = 0.75
+
+
+def infobatch_task(batch_size: int = 256) -> tuple[pl.LightningModule, Any]:
+    """:func:`noisy_digits_task` on InfoBatch's per-epoch subsets (``sampler="infobatch"``, r = 0.5, δ = 0.75)."""
+    from lightning_select.data.noisy_labels import NoisyDigitsDataModule
+    from lightning_select.models.classifier import NoisyLabelClassifier
+
+    return NoisyLabelClassifier(arch="mlp", hidden=32), NoisyDigitsDataModule(
+        batch_size=batch_size, sampler="infobatch", infobatch_prune=0.5, infobatch_delta=INFOBATCH_DELTA)
+
+
+def _infobatch_policies() -> list[pl.Callback]:
+    from lightning_select import InfoBatch
+
+    return [InfoBatch()]
+
+
+def _infobatch_state(policies: list[pl.Callback]) -> dict[str, Tensor]:
+    state = policies[0].state_dict()  # the score table, the sampler's scores and epoch sizes, the schedule's count
+    return {**flatten(state), "planned_steps": torch.tensor(state["planned_steps"]),
+            "scores_epoch": torch.tensor(state["sampler"]["scores_epoch"])}
+
+
+def _infobatch_check(state: dict[str, Tensor], epochs: int) -> None:
+    score = state["table/columns/score"]  # epoch 0 trains (and scores) every sample
+    assert score.shape == (NOISY_DIGITS_TRAIN_SIZE,) and bool(torch.isfinite(score).all()) and float(score.min()) > 0
+    sizes = state["sampler/kept_sizes"].tolist()
+    pruning = -(-3 * epochs // 4)  # ⌈0.75 · E⌉
+    assert len(sizes) == epochs and sizes[0] == NOISY_DIGITS_TRAIN_SIZE and int(state["scores_epoch"]) == epochs - 1
+    assert all(0 < m < NOISY_DIGITS_TRAIN_SIZE for m in sizes[1:pruning]), sizes
+    assert all(m == NOISY_DIGITS_TRAIN_SIZE for m in sizes[pruning:]), sizes  # the anneal: full data
+    assert int(state["planned_steps"]) == sum(-(-m // 256) for m in sizes)  # the step count became exact
+
+
 # ---------------------------------------------------------------------------- FocalWeighting, OHEM, LossSoftmaxWeighting
 # Stateless rules: each policy keeps running totals of what it did (steps; rows, kept rows, Σw, Σw², Σ score summed
 # over every rank), which the resume and DDP tests compare bit for bit.
@@ -423,6 +463,23 @@ def _loss_softmax_check(state: dict[str, Tensor], epochs: int) -> None:
     assert rows == kept == epochs * DIGITS_TRAIN_SIZE
     assert abs(w_sum - rows) < 1e-3 * rows  # mean weight 1, kept by the cap
     assert w_sq > rows and loss_sum > 0  # the weights are not all equal
+
+
+# ---------------------------------------------------------------------------- HardnessWeightedNegatives
+# A stateless logit edit: its running totals (steps; negatives, weighted, masked, Σ bonus, Σ bonus², Σ exp(bonus),
+# fp64, summed over every rank) are the compared state.
+def _hardness_policies() -> list[pl.Callback]:
+    from lightning_select import HardnessWeightedNegatives
+
+    return [HardnessWeightedNegatives(alpha=2.0)]  # α = 9 lifts the batch-256 InfoNCE above the fit test's bound of 10
+
+
+def _hardness_check(state: dict[str, Tensor], epochs: int) -> None:
+    negatives, weighted, masked, bonus_sum, bonus_sq, weight_sum = state["sums"].tolist()
+    assert int(state["steps"]) == epochs * DIGITS_STEPS_PER_EPOCH and state["sums"].dtype == torch.float64
+    # single process, no GIST: every off-diagonal AP entry of 5 batches of 256 and one of 157, none masked
+    assert negatives == weighted == epochs * (5 * 256 * 255 + 157 * 156) and masked == 0
+    assert bonus_sq > 0 and weight_sum > 0 and abs(bonus_sum) <= 2.0 * weighted  # |α·cos| <= α
 
 
 REGISTRY: list[PolicyCase] = [
@@ -493,6 +550,11 @@ REGISTRY: list[PolicyCase] = [
         metric="hard_batches/batch_loss", check=_hard_check, hydra_metric="heldout/accuracy",
     ),
     PolicyCase(
+        name="infobatch", selector="infobatch", make_policies=_infobatch_policies, make_task=infobatch_task,
+        state=_infobatch_state, activity=lambda s: int(torch.isfinite(s["table/columns/score"]).sum()),
+        metric="infobatch/kept_fraction", check=_infobatch_check, hydra_metric="heldout/accuracy",
+    ),
+    PolicyCase(
         name="focal", selector="focal", make_policies=_focal_policies, make_task=noisy_digits_task,
         state=_weighting_state, activity=lambda s: int(s["steps"]), metric="focal/weight_mean", check=_focal_check,
         hydra_metric="heldout/accuracy",
@@ -505,6 +567,11 @@ REGISTRY: list[PolicyCase] = [
         name="loss_softmax", selector="loss_softmax", make_policies=_loss_softmax_policies, make_task=digits_task,
         state=_weighting_state, activity=lambda s: int(s["steps"]), metric="loss_softmax/max_mean_ratio",
         check=_loss_softmax_check,
+    ),
+    PolicyCase(
+        name="hardness", selector="hardness", make_policies=_hardness_policies, make_task=digits_task,
+        state=lambda p: {k: torch.as_tensor(v) for k, v in p[0].state_dict().items()},
+        activity=lambda s: int(s["sums"][1]), metric="hardness/weighted_fraction", check=_hardness_check,
     ),
 ]
 REGISTRY_BY_NAME = {case.name: case for case in REGISTRY}

@@ -330,6 +330,26 @@ def test_hard_batches_under_ddp_train_each_global_batch_as_one_step_of_both_rank
     assert len(set(ids[b:b + k])) == len(set(ids[b + k:])) == k
 
 
+def test_infobatch_ranks_share_each_epoch_plan_like_distributed_sampler(ranks):
+    """Both ranks hold the same scores, so they draw the same plan each epoch; each trains its DistributedSampler
+    share of it (equal lengths); the cosine schedule, re-sized at each epoch start, ends at 0 on the last step."""
+    from lightning_select.samplers.epoch import shard
+
+    res = [ranks[r]["infobatch"] for r in range(2)]
+    plans = res[0]["plans"]
+    assert plans == res[1]["plans"] and torch.equal(res[0]["scores"], res[1]["scores"])
+    assert len(plans) == 4 and len(plans[0]) == len(plans[3]) == 1149 and all(len(p) < 1149 for p in plans[1:3])
+    assert sorted(plans[3]) == list(range(1149))  # the anneal epoch: everything
+    for r in range(2):
+        assert res[r]["sampler"] == "InfoBatchSampler"
+        for epoch, plan in enumerate(plans):
+            share = [i for e, step in res[r]["steps"] if e == epoch for i in step]
+            assert share == shard(plan, 2, r), (r, epoch)
+        assert res[r]["global_step"] == res[r]["stepping"] == res[r]["T_max"] == len(res[r]["steps"])
+        assert res[r]["lr"] == 0.0
+    assert len(res[0]["steps"]) == len(res[1]["steps"])
+
+
 def test_color_filter_ranks_share_the_kept_subset_like_distributed_sampler(ranks):
     """The CoLoR-Filter registry entry (4 epochs, 128 rows per rank and step): each epoch, each rank trains
     ⌈287 / 2⌉ = 144 kept samples and the ranks together train all 287 (one padded repeat); ColorFilter checked

@@ -56,6 +56,7 @@ from lightning_select.core.batch import IndexKey, batch_size_of, get_indices, se
 from lightning_select.core.context import SelectionError, StepContext, training_loss_of
 from lightning_select.core.distributed import exchange_bad_rows
 from lightning_select.core.grad_cache import GradCache
+from lightning_select.core.schedule import load_pending_loader_state
 from lightning_select.core.step_parts import (
     IndexGuard,
     call_step,
@@ -146,6 +147,8 @@ class SelectionEngine(Callback):
         if len(engines) > 1:
             raise ValueError("Expected at most one SelectionEngine callback, but got %d." % len(engines))
         engine = engines[0] if engines else (SelectionEngine.of(pl_module) or SelectionEngine())
+        if not engines:  # an implicit engine becomes a trainer callback too, so its own hooks run (on_train_start)
+            trainer.callbacks.append(engine)
         engine.install(trainer, pl_module)
         return engine
 
@@ -191,6 +194,12 @@ class SelectionEngine(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":  # also without policies: the engine then reduces per-sample outputs to a mean
             self.install(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # a schedule sized from the loader in configure_optimizers makes Lightning drop a resumed loader's
+        # mid-epoch position; give it back before the first batch (see core.schedule.load_pending_loader_state)
+        load_pending_loader_state(trainer)
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

@@ -49,6 +49,7 @@ from lightning_select.core.batch import IndexedDataset
 from lightning_select.data.files import DEFAULT_DATA_DIR, require_file
 from lightning_select.samplers.epoch import shuffled_loader_kwargs
 from lightning_select.samplers.hard_batches import HardBatchSampler
+from lightning_select.samplers.infobatch import InfoBatchSampler, check_infobatch_options
 from lightning_select.samplers.resumable import ResumableDataLoader
 from lightning_select.samplers.rs2 import RS2Sampler
 
@@ -246,22 +247,34 @@ class NoisyDigitsDataModule(NoisyClassificationDataModule):
             batches of ``batch_size · world_size``, each rank training its slice.
             ``"subset_file"``: every epoch the kept samples of the CoLoR-Filter subset file ``subset_path``
             (:meth:`subset_dataloader`; sharded under DDP).
+            ``"infobatch"``: InfoBatch's per-epoch subset
+            (:class:`~lightning_select.samplers.infobatch.InfoBatchSampler`, ``num_epochs=trainer.max_epochs``,
+            sharded under DDP), fed and weighted by the :class:`~lightning_select.policies.infobatch.InfoBatch`
+            callback.
         rs2_fraction: share of the training set per epoch with ``sampler="rs2"``.
         hard_fraction: share of the batches per epoch after the first with ``sampler="hard_batches"``.
         subset_path: the subset file of ``sampler="subset_file"`` (:mod:`lightning_select.data.subset_file`).
         subset_weighted: with ``sampler="subset_file"``, draw the kept samples by the file's weights (with
             replacement) instead of a permutation.
+        infobatch_prune: InfoBatch's ``r`` in [0, 1) with ``sampler="infobatch"``: the share of the well-learned
+            samples pruned per epoch.
+        infobatch_delta: InfoBatch's ``δ`` in (0, 1] with ``sampler="infobatch"``: epochs ``< δ·max_epochs`` prune,
+            the rest train on the full data.
     """
 
     def __init__(self, batch_size: int = 64, noise_rate: float = 0.3, holdout_fraction: float = 0.2,
                  test_fraction: float = 0.2, seed: int = 0, noise_seed: Optional[int] = None, num_workers: int = 0,
                  index_key: str = "index", eval_batch_size: int = 512, sampler: str = "shuffle",
                  rs2_fraction: float = 0.1, hard_fraction: float = 0.5,
-                 subset_path: Union[str, os.PathLike, None] = None, subset_weighted: bool = False) -> None:
+                 subset_path: Union[str, os.PathLike, None] = None, subset_weighted: bool = False,
+                 infobatch_prune: float = 0.5, infobatch_delta: float = 0.875) -> None:
         super().__init__(batch_size, holdout_fraction, seed, num_workers, index_key, eval_batch_size)
-        if sampler not in ("shuffle", "rs2", "hard_batches", "subset_file"):
-            raise ValueError(f"Expected `sampler` in ['shuffle', 'rs2', 'hard_batches', 'subset_file'], but got "
-                             f"{sampler!r}.")
+        if sampler not in ("shuffle", "rs2", "hard_batches", "subset_file", "infobatch"):
+            raise ValueError(f"Expected `sampler` in ['shuffle', 'rs2', 'hard_batches', 'subset_file', 'infobatch'], "
+                             f"but got {sampler!r}.")
+        check_infobatch_options("NoisyDigitsDataModule", infobatch_prune, infobatch_delta, "infobatch_prune",
+                                "infobatch_delta")
+        self.infobatch_prune, self.infobatch_delta = float(infobatch_prune), float(infobatch_delta)
         if (sampler == "subset_file") != (subset_path is not None):
             raise ValueError(f"Expected `subset_path` (a CoLoR-Filter subset file) exactly with sampler='subset_file', "
                              f"but got sampler={sampler!r}, subset_path={subset_path!r}.")
@@ -287,6 +300,12 @@ class NoisyDigitsDataModule(NoisyClassificationDataModule):
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         common: dict[str, Any] = {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
         n = len(self.train_set)
+        if self.sampler == "infobatch":
+            epochs = getattr(self.trainer, "max_epochs", None)
+            return ResumableDataLoader(self.train_set, batch_size=self.batch_size, drop_last=False, **common,
+                                       sampler=InfoBatchSampler(n, self.infobatch_prune, self.infobatch_delta,
+                                                                num_epochs=epochs if epochs and epochs > 0 else None,
+                                                                seed=self.seed, num_replicas=world, rank=rank))
         if self.sampler == "rs2":
             return ResumableDataLoader(self.train_set, batch_size=self.batch_size, drop_last=False, **common,
                                        sampler=RS2Sampler(n, self.rs2_fraction, seed=self.seed, num_replicas=world,

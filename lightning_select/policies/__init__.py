@@ -8,13 +8,15 @@ from lightning_select.policies.color_filter import ColorFilter
 from lightning_select.policies.entropy_selection import EntropySelection
 from lightning_select.policies.focal_weighting import FocalWeighting
 from lightning_select.policies.guided_negatives import GuidedNegatives
+from lightning_select.policies.hardness_weighted_negatives import HardnessWeightedNegatives
 from lightning_select.policies.hard_batches import HardBatches
 from lightning_select.policies.selection_audit import SelectionAudit
 from lightning_select.policies.importance_sampling import ImportanceSampling
+from lightning_select.policies.infobatch import InfoBatch
 from lightning_select.policies.loss_softmax_weighting import LossSoftmaxWeighting
 from lightning_select.policies.ohem import OHEM
 from lightning_select.policies.reducible_loss import ReducibleLossSelection
 from lightning_select.policies.selective_backprop import SelectiveBackprop
 from lightning_select.policies.uniform_subset import UniformSubset
 
-__all__ = ["AdaptiveBatchSize", "ColorFilter", "EntropySelection", "GuidedNegatives", "HardBatches", "SelectionAudit", "ImportanceSampling", "ReducibleLossSelection", "SelectiveBackprop", "UniformSubset", "FocalWeighting", "OHEM", "LossSoftmaxWeighting"]
+__all__ = ["AdaptiveBatchSize", "ColorFilter", "EntropySelection", "GuidedNegatives", "HardBatches", "SelectionAudit", "ImportanceSampling", "ReducibleLossSelection", "SelectiveBackprop", "UniformSubset", "FocalWeighting", "OHEM", "LossSoftmaxWeighting", "HardnessWeightedNegatives", "InfoBatch"]

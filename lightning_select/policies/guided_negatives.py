@@ -46,6 +46,13 @@ class GuidedNegatives(SelectionPolicy):
     ``training_step`` must return an :class:`~lightning_select.rules.contrastive.EmbeddingOutput`; the
     guide reads the raw inputs (e.g. text) of the same rows from the batch columns.
 
+    With :class:`~lightning_select.policies.hardness_weighted_negatives.HardnessWeightedNegatives` in the
+    same Trainer, this edit (``order = 300``) runs first in stage 4, whatever the callbacks' order: the
+    flagged false negatives are masked to −inf, then the hardness bonus ``α·stopgrad(s)`` goes to the
+    negatives that are left (never to a masked entry); GIST's AA/PP blocks get the bonus only with
+    ``HardnessWeightedNegatives(same_type_blocks=True)`` (the reference weights query-to-document
+    scores only).
+
     Args:
         guide: a frozen ``nn.Module`` or callable mapping a column's raw inputs (list of str, tensor,
             …) to ``[b, G]`` embeddings, or a model id/path for :func:`load_guide` (``"minilm"`` =

@@ -8,7 +8,6 @@ keeps Lightning's validation cadence in step with the shorter later epochs.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -19,8 +18,9 @@ from torch import Tensor
 from lightning_select.core import SelectionError, SelectionPolicy, StepContext
 from lightning_select.core.distributed import raise_together
 from lightning_select.core.engine import override
-from lightning_select.core.schedule import stepping_batches
+from lightning_select.core.schedule import stepping_batches, sync_val_check
 from lightning_select.samplers.hard_batches import HardBatchSampler
+from lightning_select.samplers.resumable import carry_state
 
 
 def distinct_sample_mean(index: Tensor, loss: Tensor) -> Tensor:
@@ -112,22 +112,14 @@ class HardBatches(SelectionPolicy):
     def _attach(self, trainer: "pl.Trainer") -> HardBatchSampler:
         sampler = self._find(trainer)
         if sampler is not self._sampler:
-            state = self._pending if self._pending is not None else (
-                self._sampler.state_dict() if self._sampler is not None else None)  # a reloaded loader
-            if state is not None:
-                sampler.load_state_dict(state)
+            carry_state(sampler, self._sampler, self._pending)
             self._sampler, self._pending = sampler, None
         return sampler
 
     @staticmethod
     def _sync_val_check(trainer: "pl.Trainer", sampler: HardBatchSampler) -> None:
         """Validate at the end of this epoch's own length (Lightning sized ``val_check_batch`` from epoch 0)."""
-        interval, current = trainer.val_check_interval, trainer.val_check_batch
-        if not isinstance(interval, float) or trainer.check_val_every_n_epoch is None or current is None \
-                or not math.isfinite(current):
-            return  # a batch count, time-based or cross-epoch validation: the user's own cadence
-        length = min(sampler.batches_in_epoch(trainer.current_epoch), trainer.num_training_batches)
-        trainer.val_check_batch = max(1, int(length * interval))
+        sync_val_check(trainer, sampler.batches_in_epoch(trainer.current_epoch))
 
     @staticmethod
     def _warn_if_schedule_oversized(trainer: "pl.Trainer") -> None:

@@ -21,6 +21,8 @@ from lightning_select.rules.entropy import (
 from lightning_select.rules.fisher import diagonal_fisher, fisher_penalty
 from lightning_select.rules.gradient_noise import gradient_noise_statistics, required_micro_batches
 from lightning_select.rules.gist import apply_gist, false_negative_mask, gist_loss, gist_thresholds
+from lightning_select.rules.infobatch import InfoBatchPlan, infobatch_plan
+from lightning_select.rules.hardness import apply_hardness, hardness_logits, hardness_loss, negative_masks
 from lightning_select.rules.reduction import effective_sample_size, weighted_global_mean
 from lightning_select.rules.weighting import (
     bound_weights,
@@ -40,6 +42,7 @@ from lightning_select.rules.selection import (
 
 __all__ = [
     "ContrastiveLogits",
+    "InfoBatchPlan",
     "EmbeddingOutput",
     "LogitBlock",
     "apply_gist",
@@ -56,6 +59,7 @@ __all__ = [
     "gist_thresholds",
     "gradient_noise_statistics",
     "info_nce_per_row",
+    "infobatch_plan",
     "loss_percentiles",
     "prediction_entropy",
     "push_history",
@@ -73,4 +77,8 @@ __all__ = [
     "focal_weights",
     "loss_softmax_weights",
     "ohem_mask",
+    "apply_hardness",
+    "hardness_logits",
+    "hardness_loss",
+    "negative_masks",
 ]

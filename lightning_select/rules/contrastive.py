@@ -116,11 +116,17 @@ class EmbeddingOutput(Mapping):
 
 @dataclass
 class LogitBlock:
-    """One block of candidate scores for every anchor row: ``scores[i, j]`` is a cosine similarity."""
+    """One block of candidate scores for every anchor row: ``scores[i, j]`` is a cosine similarity.
+
+    ``bias`` is an additive logit offset, in logit units (added after the division by τ, before the
+    mask), e.g. the hardness bonus ``α·stopgrad(s)`` of
+    :func:`~lightning_select.rules.hardness.apply_hardness`; masked entries stay −inf.
+    """
 
     name: str
     scores: Tensor
     mask: Optional[Tensor] = None  # True = removed from the softmax
+    bias: Optional[Tensor] = None  # added to scores / τ; None = 0
 
     def add_mask(self, mask: Tensor) -> None:
         if mask.shape != self.scores.shape:
@@ -130,14 +136,23 @@ class LogitBlock:
             )
         self.mask = mask if self.mask is None else (self.mask | mask)
 
+    def add_bias(self, bias: Tensor) -> None:
+        """Add ``bias`` (logit units, same shape as ``scores``) to this block's logits."""
+        if bias.shape != self.scores.shape:
+            raise ValueError(
+                f"Expected a bias of shape {tuple(self.scores.shape)} for block {self.name!r}, but got "
+                f"{tuple(bias.shape)}."
+            )
+        self.bias = bias if self.bias is None else self.bias + bias
+
 
 @dataclass
 class ContrastiveLogits:
     """Score blocks for every anchor row, their masks, the target column and the temperature.
 
     The target of row ``i`` is column ``target[i]`` of the first block (``"ap"``). Policies edit the
-    logits by adding blocks (:meth:`add_block`) or masks (``block(name).add_mask``); the target
-    entry itself is never masked.
+    logits by adding blocks (:meth:`add_block`), masks (``block(name).add_mask``) or additive logit
+    offsets (``block(name).add_bias``); the target entry itself is never masked.
     """
 
     blocks: list[LogitBlock]
@@ -161,6 +176,8 @@ class ContrastiveLogits:
         parts = []
         for k, b in enumerate(self.blocks):
             z = b.scores / self.temperature
+            if b.bias is not None:
+                z = z + b.bias
             if b.mask is not None:
                 mask = b.mask
                 if k == 0:

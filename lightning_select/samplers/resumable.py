@@ -127,3 +127,16 @@ class ResumableDataLoader(DataLoader):
         """
         self._skip = int(state.get("batches_served", 0))
         self._skip_epoch = state.get("epoch")
+
+
+def carry_state(sampler: Any, previous: Optional[Any], pending: Optional[dict[str, Any]]) -> None:
+    """Give a (re)built loader's ``sampler`` the state a callback keeps for it.
+
+    A callback that owns a sampler's state (``HardBatches``, ``InfoBatch``) finds the sampler when
+    training starts and again whenever the loader may have been rebuilt. The new ``sampler`` gets
+    ``pending`` (a state restored from a checkpoint before any sampler existed) or else the state of the
+    ``previous`` sampler it replaces (a reloaded loader); with neither it keeps its own fresh state.
+    """
+    state = pending if pending is not None else (previous.state_dict() if previous is not None else None)
+    if state is not None:
+        sampler.load_state_dict(state)
