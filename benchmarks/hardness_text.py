@@ -160,7 +160,8 @@ def markdown(out: dict) -> str:
                 return fmt.format(r[key]["mean"]) + (f" ± {r[key]['std']:.4f}" if std else "")
             lines.append(f"| {arm} | " + " | ".join(cell(k) for k, _ in METRICS) + " | " + " | ".join([
                 cell("p_positive", std=False), cell("gold_fn_mass", "{:.5f}", std=False),
-                cell("gist_masked_fraction_ap", "{:.5f}", std=False), cell("hardness_weighted_fraction", "{:.5f}", std=False),
+                cell("gist_masked_fraction_ap", "{:.5f}", std=False),
+                cell("hardness_weighted_fraction", "{:.5f}", std=False),
                 cell("hardness_bonus_mean", "{:.3f}", std=False), cell("hardness_weight_mean", "{:.1f}", std=False),
                 cell("train_seconds", "{:.1f}", std=False)]) + " |")
         lines.append("")

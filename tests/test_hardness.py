@@ -349,3 +349,27 @@ def test_gradient_cached_mode_matches_plain_mode(trainer_kwargs, digits_guide):
     assert torch.allclose(l0, l1, atol=1e-5)
     for a, b in zip(g0, g1):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_hydra_gist_then_hardness_runs_on_the_default(tmp_path):
+    """`+selector=[gist,hardness]` composes, builds both policies and runs on the embedded default."""
+    from pathlib import Path
+
+    import pandas as pd
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lightning_select.cli import build_callbacks, run
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "+selector=[gist,hardness]", f"paths.output_dir={tmp_path}", "callbacks=none", "trainer.max_epochs=1",
+            "++trainer.limit_train_batches=3", "++trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"])
+    built = {type(cb) for cb in build_callbacks(cfg)}
+    assert {GuidedNegatives, HardnessWeightedNegatives} <= built
+    assert 0.0 < run(cfg)["heldout/precision@1"] <= 1.0
+    logged = pd.read_csv(next(tmp_path.glob("csv/*/metrics.csv")))
+    masked = logged["hardness/masked_fraction"].dropna()
+    assert masked.tolist() == pytest.approx(logged["gist/masked_fraction_ap"].dropna().tolist())
+    assert (masked > 0).any()  # the digits guide flags negatives, which then get no bonus
