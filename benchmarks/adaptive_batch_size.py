@@ -175,7 +175,7 @@ def main() -> None:
     out = args.out_dir / f"{stem}.json"
     command = "python benchmarks/adaptive_batch_size.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     payload: dict[str, Any] = {"command": command, "machine": machine_info(args.threads),
-                               "args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
+                               "args": {k: str(v) for k, v in vars(args).items() if k != "out_dir"}, "runs": []}
     start = time.perf_counter()
     for seed in args.seeds:
         for arm in args.arms:

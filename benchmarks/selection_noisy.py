@@ -513,7 +513,7 @@ def main() -> None:
     arms = [a for a in args.arms if a != "rho_loss" or ok]
     payload: dict[str, Any] = {
         "command": "python benchmarks/selection_noisy.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "machine": machine_info(args.threads), "args": {k: str(v) for k, v in vars(args).items()},
+        "machine": machine_info(args.threads), "args": {k: str(v) for k, v in vars(args).items() if k != "out_dir"},
         "rho_loss_available": ok, "rho_loss_import": why, "runs": []}
     done: set[tuple[str, int]] = set()
     if args.resume and out.is_file():
