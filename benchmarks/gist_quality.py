@@ -124,6 +124,12 @@ def run(dataset: str, arm: str, seed: int, args, guide, stsb) -> dict[str, float
     return metrics
 
 
+def seed_summary(runs: list[dict]) -> dict:
+    """``{metric: {"mean", "std" (population), "runs"}}`` over the seeds' metric dicts."""
+    return {k: {"mean": statistics.mean(r[k] for r in runs), "std": statistics.pstdev(r[k] for r in runs),
+                "runs": [r[k] for r in runs]} for k in runs[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("LIGHTNING_SELECT_DATA", "../shared/data"))
@@ -143,8 +149,7 @@ def main() -> None:
     for dataset in args.datasets:
         for arm in args.arms:
             runs = [run(dataset, arm, s, args, guide, stsb) for s in args.seeds]
-            summary = {k: {"mean": statistics.mean(r[k] for r in runs), "std": statistics.pstdev(r[k] for r in runs),
-                           "runs": [r[k] for r in runs]} for k in runs[0]}
+            summary = seed_summary(runs)
             results.setdefault(dataset, {})[arm] = summary
             print(f"{dataset:6s} {arm:17s} " + "  ".join(
                 f"{k}={v['mean']:.4f}±{v['std']:.4f}" for k, v in summary.items()), flush=True)

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import re
-import statistics
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from lightning_select.data import load_stsb  # noqa: E402
 from lightning_select.evaluation import sts_spearman  # noqa: E402
 from lightning_select.models import TextEmbeddingModule  # noqa: E402
 
-from gist_quality import make_datamodule  # noqa: E402  (the GIST benchmark's splits and data order)
+from gist_quality import make_datamodule, seed_summary  # noqa: E402  (the GIST benchmark's splits, data order, summary)
 
 ARMS = ["mnrl", "mnrl_hardness", "gist", "gist_hardness"]
 ARM = re.compile(r"(?P<base>mnrl|gist)(?P<hardness>_hardness(?:_a(?P<alpha>\d+(?:\.\d+)?))?(?P<blocks>_blocks)?)?")
@@ -188,8 +187,7 @@ def main() -> None:
     for dataset in args.datasets:
         for arm in args.arms:
             runs = [run(dataset, arm, s, args, guide, stsb) for s in args.seeds]
-            summary = {k: {"mean": statistics.mean(r[k] for r in runs), "std": statistics.pstdev(r[k] for r in runs),
-                           "runs": [r[k] for r in runs]} for k in runs[0]}
+            summary = seed_summary(runs)
             results.setdefault(dataset, {})[arm] = summary
             print(f"{dataset:6s} {arm:22s} " + "  ".join(
                 f"{k}={v['mean']:.4f}±{v['std']:.4f}" for k, v in summary.items()), flush=True)

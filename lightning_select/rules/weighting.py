@@ -62,7 +62,7 @@ def _log_pt(logits: Tensor, targets: Tensor) -> Tensor:
     z = logits.detach()
     z = z if z.dtype == torch.float64 else z.float()
     targets = targets.to(z.device).long()
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= z.shape[1]):
+    if targets.numel() and bool(((targets < 0) | (targets >= z.shape[1])).any()):  # one host read per call
         raise ValueError(f"Expected targets in [0, {z.shape[1]}), but got values in "
                          f"[{int(targets.min())}, {int(targets.max())}].")
     return F.log_softmax(z, dim=1).gather(1, targets.unsqueeze(1)).squeeze(1)
