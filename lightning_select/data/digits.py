@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_select.core.batch import IndexedDataset
 from lightning_select.samplers.epoch import shuffled_loader_kwargs
+from lightning_select.samplers.factory import BatchSamplerFactory, batch_sampler_loader
 from lightning_select.samplers.resumable import ResumableDataLoader
 
 _MASK64 = (1 << 63) - 1
@@ -86,6 +87,9 @@ class DigitsPairsDataModule(pl.LightningDataModule):
         seed: seed of the split, the data order and the augmentations.
         num_workers: DataLoader workers.
         index_key: key of the sample index in each batch.
+        batch_sampler: a factory of a composing batch sampler (e.g.
+            ``functools.partial(ClusteredBatchSampler, num_clusters=10)``), called as in
+            :mod:`lightning_select.samplers.factory`; ``None`` shuffles (seeded per epoch).
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class DigitsPairsDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         index_key: str = "index",
+        batch_sampler: Optional[BatchSamplerFactory] = None,
     ) -> None:
         super().__init__()
         if not 0.0 < heldout_fraction < 1.0:
@@ -104,6 +109,7 @@ class DigitsPairsDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.index_key = index_key
+        self.batch_sampler = batch_sampler
         self.train_set: Optional[IndexedDataset] = None
         self.heldout_set: Optional[IndexedDataset] = None
 
@@ -129,6 +135,10 @@ class DigitsPairsDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
         world = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_sampler is not None:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            return batch_sampler_loader(self.train_set, self.batch_sampler, self.batch_size, self.seed, world, rank,
+                                        num_workers=self.num_workers)
         return ResumableDataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers, drop_last=False,
                           **shuffled_loader_kwargs(len(self.train_set), self.seed, world))
 

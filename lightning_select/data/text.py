@@ -28,6 +28,7 @@ from lightning_select.core.batch import IndexedDataset
 from lightning_select.data.files import DEFAULT_DATA_DIR, QUORA_FILE, load_sick, quora_from_hf, read_quora_tsv, require_file
 from lightning_select.samplers.clustering import cluster_arrays
 from lightning_select.samplers.epoch import shuffled_loader_kwargs
+from lightning_select.samplers.factory import BatchSamplerFactory, batch_sampler_loader
 from lightning_select.samplers.resumable import ResumableDataLoader
 from lightning_select.samplers.no_duplicates import NoDuplicatesBatchSampler
 
@@ -75,14 +76,19 @@ class _TextTable(Dataset):
 class _TextPairsDataModule(pl.LightningDataModule):
     """Shared plumbing: train loader (seeded / no-duplicates / DDP), held-out loader, relevance."""
 
-    def __init__(self, batch_size: int, seed: int, index_key: str, no_duplicates: bool) -> None:
+    def __init__(self, batch_size: int, seed: int, index_key: str, no_duplicates: bool,
+                 batch_sampler: Optional[BatchSamplerFactory] = None) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}.")
+        if no_duplicates and batch_sampler is not None:
+            raise ValueError("Expected at most one of `no_duplicates=True` and `batch_sampler`, but got both: the "
+                             "duplicate-free sampler is a batch sampler itself. Drop one of them.")
         self.batch_size = batch_size
         self.seed = seed
         self.index_key = index_key
         self.no_duplicates = no_duplicates
+        self.batch_sampler = batch_sampler
         self.train_set: Optional[IndexedDataset] = None
         self.test_set: Optional[IndexedDataset] = None
         self.train_keys: Optional[Tensor] = None  # [M, 2] anchor/positive keys
@@ -97,6 +103,10 @@ class _TextPairsDataModule(pl.LightningDataModule):
         self._require_setup()
         assert self.train_set is not None and self.train_keys is not None
         distributed = self.trainer is not None and self.trainer.world_size > 1
+        if self.batch_sampler is not None:
+            world = self.trainer.world_size if self.trainer is not None else 1
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            return batch_sampler_loader(self.train_set, self.batch_sampler, self.batch_size, self.seed, world, rank)
         if self.no_duplicates:
             world, rank = 1, 0
             if distributed:
@@ -173,6 +183,9 @@ class QuoraDuplicatesDataModule(_TextPairsDataModule):
             samples of one cluster (single process only).
         hf_dataset: load the pairs with ``datasets.load_dataset(hf_dataset)`` instead of the file
             (needs the ``datasets`` package and usually the network).
+        batch_sampler: a factory of a composing batch sampler (clustered, cluster-reweighted,
+            neighbour-exclusion), called as in :mod:`lightning_select.samplers.factory`; excludes
+            ``no_duplicates``.
     """
 
     def __init__(
@@ -186,8 +199,9 @@ class QuoraDuplicatesDataModule(_TextPairsDataModule):
         index_key: str = "index",
         no_duplicates: bool = False,
         hf_dataset: Optional[str] = None,
+        batch_sampler: Optional[BatchSamplerFactory] = None,
     ) -> None:
-        super().__init__(batch_size, seed, index_key, no_duplicates)
+        super().__init__(batch_size, seed, index_key, no_duplicates, batch_sampler)
         if max_train_pairs is not None and max_train_pairs < 1:
             raise ValueError(f"Expected `max_train_pairs` to be None or >= 1, but got {max_train_pairs}.")
         if test_clusters < 1:
@@ -299,6 +313,7 @@ class SickDataModule(_TextPairsDataModule):
         seed: seed of the data order.
         index_key: key of the sample index in each batch.
         no_duplicates: batch with :class:`NoDuplicatesBatchSampler` (single process only).
+        batch_sampler: a factory of a composing batch sampler, as for :class:`QuoraDuplicatesDataModule`.
     """
 
     def __init__(
@@ -309,8 +324,9 @@ class SickDataModule(_TextPairsDataModule):
         seed: int = 0,
         index_key: str = "index",
         no_duplicates: bool = False,
+        batch_sampler: Optional[BatchSamplerFactory] = None,
     ) -> None:
-        super().__init__(batch_size, seed, index_key, no_duplicates)
+        super().__init__(batch_size, seed, index_key, no_duplicates, batch_sampler)
         if not 1.0 <= min_relatedness <= 5.0:
             raise ValueError(f"Expected `min_relatedness` in [1, 5] (the SICK scale), but got {min_relatedness}.")
         self.data_dir = data_dir
