@@ -125,6 +125,26 @@ def _gist_check(state: dict[str, Tensor], epochs: int) -> None:
         assert torch.equal(state[f"pairs/{key}"], state[f"state/flagged_pairs/columns/{key}"]), key
 
 
+# ---------------------------------------------------------------------------- GIST's modes: attract, self-guide
+def _gist_attract_policies() -> list[pl.Callback]:
+    return [GuidedNegatives(DigitsLDAGuide.fit(seed=0), anchor_column="image", positive_column="image",
+                            margin=0.2, record_flagged_pairs=True, false_negatives="attract")]
+
+
+def _self_guide_policies() -> list[pl.Callback]:
+    # digits views of one image are near-identical for the untrained student, so margin -0.1 flags real candidates
+    return [GuidedNegatives("self", anchor_column="image", positive_column="image", margin=-0.1,
+                            record_flagged_pairs=True)]
+
+
+def _flagged_pairs_check(state: dict[str, Tensor], epochs: int) -> None:
+    assert bool((state["pairs/guide_score"] > state["pairs/threshold"]).all())
+    assert bool((state["pairs/anchor_index"] != state["pairs/candidate_index"]).all())  # own pairs excluded
+    assert set(state["pairs/epoch"].unique().tolist()) <= set(range(epochs))
+    for key in ("anchor_index", "candidate_index", "guide_score", "epoch", "step"):  # the checkpointed log
+        assert torch.equal(state[f"pairs/{key}"], state[f"state/flagged_pairs/columns/{key}"]), key
+
+
 # ---------------------------------------------------------------------------- ImportanceSampling
 def _importance_policies() -> list[pl.Callback]:
     from lightning_select import ImportanceSampling
@@ -486,6 +506,16 @@ REGISTRY: list[PolicyCase] = [
     PolicyCase(
         name="gist", selector="gist", make_policies=_gist_policies, make_task=digits_task, state=_gist_state,
         activity=lambda s: int(s["pairs/anchor_index"].numel()), metric="gist/masked_fraction_ap", check=_gist_check,
+    ),
+    PolicyCase(
+        name="gist_attract", selector="gist_attract", make_policies=_gist_attract_policies, make_task=digits_task,
+        state=_gist_state, activity=lambda s: int(s["pairs/anchor_index"].numel()),
+        metric="gist/attracted_fraction_ap", check=_gist_check,
+    ),
+    PolicyCase(
+        name="self_guide", selector="self_guide", make_policies=_self_guide_policies, make_task=digits_task,
+        state=_gist_state, activity=lambda s: int(s["pairs/anchor_index"].numel()),
+        metric="gist/masked_per_row", check=_flagged_pairs_check,
     ),
     PolicyCase(
         name="loss_history", selector="loss_history", make_policies=lambda: [LossHistory(trace_epochs=4)],

@@ -31,7 +31,16 @@ from lightning_select.core.preemption import TrainingPreempted
 from lightning_select.guides.cache import GuideEmbeddingCache
 from lightning_select.guides.lookup import GuideLookup
 from lightning_select.rules.contrastive import ContrastiveLogits, LogitBlock
-from lightning_select.rules.gist import MARGIN_STRATEGIES, MarginStrategy, apply_gist
+from lightning_select.rules.gist import (
+    FALSE_NEGATIVE_MODES,
+    MARGIN_STRATEGIES,
+    FalseNegativeMode,
+    MarginStrategy,
+    apply_gist,
+)
+
+#: ``guide=SELF_GUIDE``: the student's own detached similarities are the guide (no guide model).
+SELF_GUIDE = "self"
 from lightning_select.stats.flagged_pairs import PAIR_COLUMNS, FlaggedPairLog
 
 
@@ -53,17 +62,30 @@ class GuidedNegatives(SelectionPolicy):
     ``HardnessWeightedNegatives(same_type_blocks=True)`` (the reference weights query-to-document
     scores only).
 
+    **Two options beyond the reference** (both measured in ``benchmarks/batch_composition.py``):
+
+    - ``false_negatives="attract"``: flagged candidates become extra positives of their row
+      (multi-positive InfoNCE, ``ℓ_i = logsumexp(z_i) − mean_{p∈P_i} z_ip``), the attraction variant
+      of false-negative cancellation (Huynh et al., 2022), instead of leaving the softmax.
+    - ``guide="self"``: the student's own detached embeddings of the step are the guide, as
+      Qwen3-Embedding and pplx-embed filter: no guide model runs, nothing is cached, and no second
+      forward is made. Those papers mask a candidate whose similarity exceeds the positive's by
+      more than 0.1, which is ``margin=-0.1`` with the absolute rule (``θ_i = t_i − m``).
+
     Args:
         guide: a frozen ``nn.Module`` or callable mapping a column's raw inputs (list of str, tensor,
             …) to ``[b, G]`` embeddings, or a model id/path for :func:`load_guide` (``"minilm"`` =
-            the offline all-MiniLM-L6-v2). Guide lookups and the cache live in
+            the offline all-MiniLM-L6-v2), or ``"self"`` (the student's detached embeddings; the
+            cache options are then unused). Guide lookups and the cache live in
             :class:`~lightning_select.guides.lookup.GuideLookup`.
         anchor_column: batch key of the anchors' raw inputs.
         positive_column: batch key of the positives' raw inputs.
         negative_columns: batch keys of hard-negative raw inputs, in the order of the output's
             ``negatives[:, k]``.
         margin_strategy: ``"absolute"`` or ``"relative"``.
-        margin: ``m`` in the cut-off.
+        margin: ``m`` in the cut-off (negative: a candidate must beat the positive by ``|m|``).
+        false_negatives: ``"drop"`` (GIST: mask flagged candidates) or ``"attract"`` (make them extra
+            positives).
         temperature: τ; ``None`` uses the ``EmbeddingOutput``'s temperature.
         contrast_anchors: add the AA block.
         contrast_positives: add the PP block.
@@ -128,6 +150,7 @@ class GuidedNegatives(SelectionPolicy):
         max_flagged_pairs: int = 2_000_000,
         mini_batch_size: Optional[int] = None,
         record_flagged_pairs: Optional[bool] = None,
+        false_negatives: FalseNegativeMode = "drop",
     ) -> None:
         who = type(self).__name__
         anchor_column, positive_column = str_option(who, "anchor_column", anchor_column), str_option(
@@ -142,13 +165,17 @@ class GuidedNegatives(SelectionPolicy):
         flagged_pairs_path = path_option(who, "flagged_pairs_path", flagged_pairs_path)
         if mini_batch_size is not None and int_option(who, "mini_batch_size", mini_batch_size) < 1:
             raise ValueError(f"Expected `mini_batch_size` >= 1 (or None), but got {mini_batch_size}.")
+        if false_negatives not in FALSE_NEGATIVE_MODES:
+            raise ValueError(f"Expected `false_negatives` in {FALSE_NEGATIVE_MODES}, but got {false_negatives!r}.")
         if margin_strategy not in MARGIN_STRATEGIES:
             raise ValueError(f"Expected `margin_strategy` in {MARGIN_STRATEGIES}, but got {margin_strategy!r}.")
         if temperature is not None and temperature <= 0:
             raise ValueError(f"Expected `temperature` > 0 (or None to use the output's), but got {temperature!r}.")
-        self.lookup = GuideLookup(guide, [anchor_column, positive_column, *negative_columns], cache, cache_dtype,
-                                  cache_dir, precompute, fingerprint, owner=type(self).__name__)
-        self.columns = self.lookup.columns
+        self.self_guide = isinstance(guide, str) and guide == SELF_GUIDE
+        self.columns = [anchor_column, positive_column, *negative_columns]
+        self.lookup: Optional[GuideLookup] = None if self.self_guide else GuideLookup(
+            guide, self.columns, cache, cache_dtype, cache_dir, precompute, fingerprint, owner=type(self).__name__)
+        self.false_negatives: FalseNegativeMode = false_negatives
         self.embedding_chunk_size = mini_batch_size
         self.margin_strategy: MarginStrategy = margin_strategy
         self.margin = float(margin)
@@ -164,11 +191,11 @@ class GuidedNegatives(SelectionPolicy):
 
     @property
     def guide(self) -> Any:
-        return self.lookup.guide
+        return SELF_GUIDE if self.lookup is None else self.lookup.guide
 
     @property
     def cache(self) -> Optional[GuideEmbeddingCache]:
-        return self.lookup.cache
+        return None if self.lookup is None else self.lookup.cache
 
     @property
     def block_names(self) -> list[str]:
@@ -178,25 +205,29 @@ class GuidedNegatives(SelectionPolicy):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        self.lookup.attach(pl_module)
+        if self.lookup is not None:
+            self.lookup.attach(pl_module)
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.lookup.to(pl_module.device)
+        if self.lookup is not None:
+            self.lookup.to(pl_module.device)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.lookup.open_cache(trainer, getattr(trainer.train_dataloader, "dataset", None), pl_module.device)
+        if self.lookup is not None:
+            self.lookup.open_cache(trainer, getattr(trainer.train_dataloader, "dataset", None), pl_module.device)
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        rate = self.lookup.epoch_hit_rate(reset=True)
+        rate = None if self.lookup is None else self.lookup.epoch_hit_rate(reset=True)
         if rate is not None and trainer.logger is not None:
             pl_module.log("gist/cache_hit_rate_epoch", rate, on_step=False, on_epoch=True)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.lookup.flush()
+        if self.lookup is not None:
+            self.lookup.flush()
         if self.flagged_pairs_path and trainer.is_global_zero:
             self.export_flagged_pairs(self.flagged_pairs_path)
 
@@ -225,24 +256,32 @@ class GuidedNegatives(SelectionPolicy):
             )
         if self.temperature is not None:
             logits.temperature = self.temperature
-        guide = self.lookup.embeddings(ctx.sub_batch if ctx.phase == "train" else ctx.batch,
-                                       ctx.kept_indices if ctx.phase == "train" else ctx.indices, ctx.module.device)
-        g_anchor, g_positive = guide[0], guide[1]
-        g_negatives = torch.stack(guide[2:], dim=1) if k else None
         candidate_indices = ctx.kept_indices if ctx.phase == "train" else ctx.indices
-        if self.gather_across_devices and ctx.world_size > 1:
-            g_positive, g_negatives, candidate_indices = self._gather_candidates(ctx, logits, g_positive, g_negatives)
+        if self.lookup is None:  # self-guide: the student's own (gathered) unit embeddings, detached
+            if self.gather_across_devices and ctx.world_size > 1:
+                _, _, candidate_indices = self._gather_candidates(ctx, logits, None, None)
+            emb = logits.embeddings
+            g_anchor, g_positive = emb["anchor"].detach(), emb["positive"].detach()
+            g_negatives = emb["negatives"].detach() if "negatives" in emb else None
+        else:
+            guide = self.lookup.embeddings(ctx.sub_batch if ctx.phase == "train" else ctx.batch,
+                                           candidate_indices, ctx.module.device)
+            g_anchor, g_positive = guide[0], guide[1]
+            g_negatives = torch.stack(guide[2:], dim=1) if k else None
+            if self.gather_across_devices and ctx.world_size > 1:
+                g_positive, g_negatives, candidate_indices = self._gather_candidates(ctx, logits, g_positive,
+                                                                                     g_negatives)
         scores = apply_gist(
             logits, g_anchor, g_positive, g_negatives, margin=self.margin, margin_strategy=self.margin_strategy,
             contrast_anchors=self.contrast_anchors, contrast_positives=self.contrast_positives,
-            mask_self=self.mask_self,
+            mask_self=self.mask_self, false_negatives=self.false_negatives,
         )
         if ctx.phase == "train":
             self._record(ctx, logits, scores, candidate_indices)
 
     def _gather_candidates(
-        self, ctx: StepContext, logits: ContrastiveLogits, g_positive: Tensor, g_negatives: Optional[Tensor]
-    ) -> tuple[Tensor, Optional[Tensor], Tensor]:
+        self, ctx: StepContext, logits: ContrastiveLogits, g_positive: Optional[Tensor], g_negatives: Optional[Tensor]
+    ) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
         """Replace AP/AN with all ranks' candidates (gradient kept for the local shard)."""
         from torch.distributed.nn.functional import all_gather as all_gather_with_grad
 
@@ -265,7 +304,8 @@ class GuidedNegatives(SelectionPolicy):
             blocks += [LogitBlock(f"an{j}", a @ n_all[:, j].T) for j in range(n_all.shape[1])]
         logits.blocks, logits.embeddings = blocks, embeddings
         logits.target = offset + torch.arange(b, device=a.device)
-        g_positive = ctx.all_gather(g_positive).reshape(world * b, -1)
+        if g_positive is not None:
+            g_positive = ctx.all_gather(g_positive).reshape(world * b, -1)
         if g_negatives is not None:
             g_negatives = ctx.all_gather(g_negatives).reshape(world * b, *g_negatives.shape[1:])
         candidates = ctx.all_gather(ctx.kept_indices).reshape(-1)
@@ -280,9 +320,12 @@ class GuidedNegatives(SelectionPolicy):
         masks: dict[str, Tensor] = {}
         pairs: list[dict[str, Tensor]] = []
         for block in logits.blocks:
-            if block.mask is None:
+            if block.mask is None and block.positive is None:
                 continue
-            mask = block.mask
+            if block.mask is None:
+                mask = block.positive
+            else:
+                mask = block.mask if block.positive is None else block.mask | block.positive
             # Not false negatives: the row's own positive (AP, never masked), and the self-pairs of AA
             # (a_i with a_i) and PP (p_i with p_i), which the rule masks whenever t_i < 1.
             own = {"ap": logits.target, "aa": rows, "pp": logits.target}.get(block.name)
@@ -306,6 +349,9 @@ class GuidedNegatives(SelectionPolicy):
             return
         for name, value in logits.masked_fraction().items():
             ctx.log(f"gist/masked_fraction_{name}", value)
+        if self.false_negatives == "attract":
+            for name, value in logits.attracted_fraction().items():
+                ctx.log(f"gist/attracted_fraction_{name}", value)
         ctx.log("gist/masked_per_row", per_row.mean())
         ctx.log("gist/threshold_mean", scores["threshold"].mean())
         if self.cache is not None:
@@ -349,5 +395,7 @@ class GuidedNegatives(SelectionPolicy):
             "columns": self.columns, "margin_strategy": self.margin_strategy, "margin": self.margin,
             "temperature": self.temperature, "contrast_anchors": self.contrast_anchors,
             "contrast_positives": self.contrast_positives, "mask_self": self.mask_self,
-            "gather_across_devices": self.gather_across_devices, "cache": self.lookup.cache_mode,
+            "gather_across_devices": self.gather_across_devices,
+            "cache": None if self.lookup is None else self.lookup.cache_mode, "false_negatives": self.false_negatives,
+            "guide": SELF_GUIDE if self.self_guide else "model",
         }

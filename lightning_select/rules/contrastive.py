@@ -127,6 +127,7 @@ class LogitBlock:
     scores: Tensor
     mask: Optional[Tensor] = None  # True = removed from the softmax
     bias: Optional[Tensor] = None  # added to scores / τ; None = 0
+    positive: Optional[Tensor] = None  # True = an extra positive of the row (multi-positive InfoNCE)
 
     def add_mask(self, mask: Tensor) -> None:
         if mask.shape != self.scores.shape:
@@ -135,6 +136,15 @@ class LogitBlock:
                 f"{tuple(mask.shape)}."
             )
         self.mask = mask if self.mask is None else (self.mask | mask)
+
+    def add_positive(self, positive: Tensor) -> None:
+        """Mark entries as extra positives of their row (they stay in the softmax and join the numerator)."""
+        if positive.shape != self.scores.shape:
+            raise ValueError(
+                f"Expected a positive mask of shape {tuple(self.scores.shape)} for block {self.name!r}, but got "
+                f"{tuple(positive.shape)}."
+            )
+        self.positive = positive if self.positive is None else (self.positive | positive)
 
     def add_bias(self, bias: Tensor) -> None:
         """Add ``bias`` (logit units, same shape as ``scores``) to this block's logits."""
@@ -151,8 +161,14 @@ class ContrastiveLogits:
     """Score blocks for every anchor row, their masks, the target column and the temperature.
 
     The target of row ``i`` is column ``target[i]`` of the first block (``"ap"``). Policies edit the
-    logits by adding blocks (:meth:`add_block`), masks (``block(name).add_mask``) or additive logit
-    offsets (``block(name).add_bias``); the target entry itself is never masked.
+    logits by adding blocks (:meth:`add_block`), masks (``block(name).add_mask``), additive logit
+    offsets (``block(name).add_bias``) or extra positives (``block(name).add_positive``); the target
+    entry itself is never masked, and neither is an extra positive.
+
+    With extra positives ``P_i`` (the target always among them) the row loss is the multi-positive
+    InfoNCE of supervised contrastive learning's ``L_out`` form, the mean over the positives of their
+    negative log-softmax: ``ℓ_i = logsumexp_j(z_ij) − mean_{p ∈ P_i} z_ip``. Without extra positives it
+    is the usual cross-entropy of the target.
     """
 
     blocks: list[LogitBlock]
@@ -179,7 +195,7 @@ class ContrastiveLogits:
             if b.bias is not None:
                 z = z + b.bias
             if b.mask is not None:
-                mask = b.mask
+                mask = b.mask if b.positive is None else b.mask & ~b.positive
                 if k == 0:
                     rows = torch.arange(self.target.shape[0], device=self.target.device)
                     mask = mask.clone()
@@ -188,9 +204,39 @@ class ContrastiveLogits:
             parts.append(z)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+    def positives(self) -> Optional[Tensor]:
+        """``[B, C]`` bool of every row's positives (target and extra ones), or None without extra positives."""
+        if all(b.positive is None for b in self.blocks):
+            return None
+        parts = [b.positive if b.positive is not None else torch.zeros_like(b.scores, dtype=torch.bool)
+                 for b in self.blocks]
+        rows = torch.arange(self.target.shape[0], device=self.target.device)
+        parts[0] = parts[0].clone()
+        parts[0][rows, self.target] = True
+        return torch.cat(parts, dim=1)
+
     def per_row_loss(self) -> Tensor:
-        """``[B]`` InfoNCE losses ``logsumexp(z_i) − z_{i,target_i}`` (a fused cross-entropy)."""
-        return F.cross_entropy(self.logits(), self.target, reduction="none")
+        """``[B]`` InfoNCE losses ``logsumexp(z_i) − z_{i,target_i}`` (a fused cross-entropy), or the
+        multi-positive form ``logsumexp(z_i) − mean_{p ∈ P_i} z_ip`` when extra positives are marked."""
+        z = self.logits()
+        positives = self.positives()
+        if positives is None:
+            return F.cross_entropy(z, self.target, reduction="none")
+        positive_sum = torch.where(positives, z, torch.zeros_like(z)).sum(1)
+        return torch.logsumexp(z, dim=1) - positive_sum / positives.sum(1)
+
+    def attracted_fraction(self) -> dict[str, Tensor]:
+        """Fraction of each block's entries turned into extra positives (the target excluded)."""
+        out = {}
+        for k, b in enumerate(self.blocks):
+            if b.positive is None:
+                out[b.name] = b.scores.new_zeros(())
+                continue
+            n = b.positive.numel() - (self.target.shape[0] if k == 0 else 0)
+            rows = torch.arange(self.target.shape[0], device=b.positive.device)
+            extra = b.positive.sum() - (b.positive[rows, self.target].sum() if k == 0 else 0)
+            out[b.name] = extra.float() / max(n, 1)
+        return out
 
     def masked_fraction(self) -> dict[str, Tensor]:
         """Fraction of entries removed from each block (the target entry excluded from ``ap``)."""

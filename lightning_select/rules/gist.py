@@ -41,6 +41,8 @@ from lightning_select.rules.contrastive import ContrastiveLogits, EmbeddingOutpu
 
 MarginStrategy = Literal["absolute", "relative"]
 MARGIN_STRATEGIES = ("absolute", "relative")
+FalseNegativeMode = Literal["drop", "attract"]
+FALSE_NEGATIVE_MODES = ("drop", "attract")
 
 
 # ----------------------------------------------------------------------------------------------- pure rule
@@ -74,8 +76,15 @@ def apply_gist(
     contrast_anchors: bool = True,
     contrast_positives: bool = True,
     mask_self: bool = False,
+    false_negatives: FalseNegativeMode = "drop",
 ) -> dict[str, Tensor]:
     """Edit MNRL logits in place into GIST logits and return the guide scores of every block.
+
+    ``false_negatives="drop"`` is GIST: flagged candidates leave the softmax. ``"attract"`` is the
+    attraction variant of false-negative cancellation (Huynh et al., 2022): flagged candidates become
+    extra positives of their row (multi-positive InfoNCE, see
+    :class:`~lightning_select.rules.contrastive.ContrastiveLogits`); the self-pairs of AA and PP
+    (``a_i·a_i``, ``p_i·p_i``: a constant 1, not a candidate) are still removed whenever flagged.
 
     Args:
         logits: from :func:`~lightning_select.contrastive.build_logits` (possibly with gathered
@@ -88,13 +97,27 @@ def apply_gist(
     Returns:
         ``{"threshold": θ [B], "ap"/"aa"/"pp"/"an{k}": guide scores [B, C_block]}``.
     """
+    if false_negatives not in FALSE_NEGATIVE_MODES:
+        raise ValueError(f"Expected `false_negatives` in {FALSE_NEGATIVE_MODES}, but got {false_negatives!r}.")
     rows = torch.arange(logits.target.shape[0], device=logits.target.device)
+
+    def route(name: str, flagged: Tensor, self_column: Optional[Tensor] = None) -> None:
+        block = logits.block(name)
+        if false_negatives == "drop":
+            block.add_mask(flagged)
+            return
+        self_pair = torch.zeros_like(flagged)
+        if self_column is not None:
+            self_pair[rows, self_column] = True
+        block.add_mask(flagged & self_pair)
+        block.add_positive(flagged & ~self_pair)
+
     with torch.autocast(device_type=guide_anchor.device.type, enabled=False):
         ga, gp = _unit(guide_anchor), _unit(guide_positive)
         g_ap = ga @ gp.T
         theta = gist_thresholds(g_ap[rows, logits.target], margin, margin_strategy)
         scores = {"threshold": theta, "ap": g_ap}
-        logits.block("ap").add_mask(false_negative_mask(g_ap, theta))
+        route("ap", false_negative_mask(g_ap, theta))
         a = logits.embeddings["anchor"]
         p_all = logits.embeddings["positive"]
         if contrast_anchors:
@@ -102,7 +125,8 @@ def apply_gist(
             mask = false_negative_mask(g_aa, theta)
             if mask_self:
                 mask[rows, rows] = True
-            logits.add_block("aa", a @ a.T, mask)
+            logits.add_block("aa", a @ a.T)
+            route("aa", mask, rows)
             scores["aa"] = g_aa
         if contrast_positives:
             p_own, gp_own = p_all[logits.target], gp[logits.target]
@@ -110,13 +134,14 @@ def apply_gist(
             mask = false_negative_mask(g_pp, theta)
             if mask_self:
                 mask[rows, logits.target] = True
-            logits.add_block("pp", p_own @ p_all.T, mask)
+            logits.add_block("pp", p_own @ p_all.T)
+            route("pp", mask, logits.target)
             scores["pp"] = g_pp
         if guide_negatives is not None:
             gn = _unit(guide_negatives)
             for k in range(gn.shape[1]):
                 g_an = ga @ gn[:, k].T
-                logits.block(f"an{k}").add_mask(false_negative_mask(g_an, theta))
+                route(f"an{k}", false_negative_mask(g_an, theta))
                 scores[f"an{k}"] = g_an
     # keep the canonical block order AP | AA | PP | AN (matches the reference's concatenation)
     order = {"ap": 0, "aa": 1, "pp": 2}
@@ -138,14 +163,17 @@ def gist_loss(
     contrast_anchors: bool = True,
     contrast_positives: bool = True,
     mask_self: bool = False,
+    false_negatives: FalseNegativeMode = "drop",
 ) -> Tensor:
-    """``[B]`` per-row GIST losses for one process (no gathering). Mean them for ``GISTEmbedLoss``."""
+    """``[B]`` per-row GIST losses for one process (no gathering). Mean them for ``GISTEmbedLoss``
+    (with ``false_negatives="drop"``, the default)."""
     logits = build_logits(EmbeddingOutput(anchor, positive, negatives, temperature))
     if guide_negatives is not None and guide_negatives.dim() == 2:
         guide_negatives = guide_negatives.unsqueeze(1)
     apply_gist(
         logits, guide_anchor, guide_positive, guide_negatives, margin=margin, margin_strategy=margin_strategy,
         contrast_anchors=contrast_anchors, contrast_positives=contrast_positives, mask_self=mask_self,
+        false_negatives=false_negatives,
     )
     return logits.per_row_loss()
 

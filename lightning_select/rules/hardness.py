@@ -79,7 +79,7 @@ def negative_masks(logits: ContrastiveLogits, mode: HardnessMode = "in_batch_neg
     Blocks ``ap``, ``an<k>`` and (with ``same_type_blocks``) ``aa``/``pp`` take part; other blocks
     (none are built by this library) are left out. The row's own column (``target``; the diagonal of
     ``aa``) is never a negative, except the own hard negative in modes ``hard_negatives`` and
-    ``all_negatives``."""
+    ``all_negatives``; nor is an extra positive (``LogitBlock.positive``, GIST's ``attract`` mode)."""
     if mode not in HARDNESS_MODES:
         raise ValueError(f"Expected `mode` in {HARDNESS_MODES}, but got {mode!r}.")
     rows = torch.arange(logits.target.shape[0], device=logits.target.device)
@@ -96,6 +96,8 @@ def negative_masks(logits: ContrastiveLogits, mode: HardnessMode = "in_batch_neg
                                "all_negatives": ~nothing}[mode]
         elif block.name == "ap" or same_type_blocks:
             out[block.name] = nothing if mode == "hard_negatives" else ~own
+        if block.name in out and block.positive is not None:  # GIST's attracted false negatives are positives
+            out[block.name] = out[block.name] & ~block.positive
     return out
 
 
