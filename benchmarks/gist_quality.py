@@ -125,9 +125,15 @@ def run(dataset: str, arm: str, seed: int, args, guide, stsb) -> dict[str, float
 
 
 def seed_summary(runs: list[dict]) -> dict:
-    """``{metric: {"mean", "std" (population), "runs"}}`` over the seeds' metric dicts."""
-    return {k: {"mean": statistics.mean(r[k] for r in runs), "std": statistics.pstdev(r[k] for r in runs),
-                "runs": [r[k] for r in runs]} for k in runs[0]}
+    """``{metric: {"mean", "std" (population), "runs"}}`` over the seeds' metric dicts. NaN runs (e.g. the
+    precision of a guide that flagged nothing) are left out of mean and std, which are NaN when all are."""
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        finite = [v for v in values if v == v]
+        out[key] = {"mean": statistics.mean(finite) if finite else float("nan"),
+                    "std": statistics.pstdev(finite) if finite else float("nan"), "runs": values}
+    return out
 
 
 def main() -> None:

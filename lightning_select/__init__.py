@@ -36,6 +36,9 @@ from lightning_select.policies import SelectiveBackprop, UniformSubset
 from lightning_select.policies import OHEM, FocalWeighting, LossSoftmaxWeighting
 from lightning_select.policies import HardnessWeightedNegatives
 from lightning_select.policies import InfoBatch
+from lightning_select.policies import BatchComposition
+from lightning_select.policies import FalseNegativeAudit
+from lightning_select.policies import DBPM, DynamicsFilter
 from lightning_select.rules import (
     ContrastiveLogits,
     EmbeddingOutput,
@@ -51,6 +54,7 @@ from lightning_select.rules import (
 from lightning_select.core.schedule import stepping_batches
 from lightning_select.samplers import ResumableDataLoader
 from lightning_select.stats import LossHistory, SampleLossStore, SampleTable
+from lightning_select.stats import TrainingDynamics, load_dynamics
 
 register_strategies()
 
@@ -58,6 +62,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveBatchSize",
+    "BatchComposition",
+    "DBPM",
+    "DynamicsFilter",
+    "TrainingDynamics",
+    "load_dynamics",
+    "FalseNegativeAudit",
     "ContrastiveLogits",
     "DDPSelectStrategy",
     "EmbeddingOutput",

@@ -78,6 +78,16 @@ def resolve_ckpt_path(value: Optional[str], output_dir: Union[str, Path], task_d
     return str(value)
 
 
+def _resolved(cfg: DictConfig) -> dict:
+    """The config as a plain dict, interpolations resolved where they can be (as written otherwise)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except Exception:  # noqa: BLE001  (e.g. a ${hydra:...} interpolation outside a Hydra run)
+        return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
+
+
 def _report(line: str) -> None:
     """Print on stdout and append to the run's log file (the root logger's file handlers, set up by Hydra)."""
     print(line, flush=True)
@@ -97,6 +107,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     callbacks = build_callbacks(cfg)
+    for callback in callbacks:  # exporters that record the run's configuration (TrainingDynamics' metadata)
+        if hasattr(callback, "run_config"):
+            callback.run_config = _resolved(cfg)
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node and "_target_" in node]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     names = [type(c).__name__ for c in callbacks

@@ -20,6 +20,8 @@ from torch import Tensor
 from lightning_select import GuidedNegatives, LossHistory
 from lightning_select.data import DigitsLDAGuide, DigitsPairsDataModule
 from lightning_select.models import DigitsEmbeddingModule
+from registry_dynamics import dbpm_activity, dbpm_check, dbpm_policies, dbpm_state, dynamics_check, \
+    dynamics_policies, dynamics_state, filter_check, filter_policies, filter_state
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,19 @@ def _flagged_pairs_check(state: dict[str, Tensor], epochs: int) -> None:
     assert set(state["pairs/epoch"].unique().tolist()) <= set(range(epochs))
     for key in ("anchor_index", "candidate_index", "guide_score", "epoch", "step"):  # the checkpointed log
         assert torch.equal(state[f"pairs/{key}"], state[f"state/flagged_pairs/columns/{key}"]), key
+
+
+def _audit_policies() -> list[pl.Callback]:
+    from lightning_select import FalseNegativeAudit
+
+    # the batches alone (no guide): GIST's flags against gold are tested in tests/test_false_negative_modes.py
+    return [FalseNegativeAudit(key="label")]
+
+
+def _audit_check(state: dict[str, Tensor], epochs: int) -> None:
+    candidates, gold, flagged, true_flags = state["sums"][0].tolist()
+    assert candidates == epochs * (5 * 256 * 255 + 157 * 156)  # single process: every AP candidate, own excluded
+    assert gold > 0 and flagged == true_flags == 0 and int(state["steps"]) == epochs * DIGITS_STEPS_PER_EPOCH
 
 
 # ---------------------------------------------------------------------------- ImportanceSampling
@@ -502,6 +517,117 @@ def _hardness_check(state: dict[str, Tensor], epochs: int) -> None:
     assert bonus_sq > 0 and weight_sum > 0 and abs(bonus_sum) <= 2.0 * weighted  # |α·cos| <= α
 
 
+# ---------------------------------------------------------------------------- BatchComposition (composed batches)
+# Clustered batches from the guide cache of GIST (k = 10, a quarter of each batch random); and cluster-reweighted
+# epochs of 862 = round(0.6 · 1437) samples from the student's clusters (re-clustered at epochs 0 and 2, so the
+# resumed run re-clusters at epoch 2 from the restored model), weighted by LossHistory's EMA losses. Every epoch has
+# the same number of steps (6, and 4 of 256; DDP: 6 and 4 per rank), as the resume tests expect.
+COMPOSITION_CLUSTERS, REWEIGHT_BUDGET_SIZE = 10, 862
+
+
+def clustered_batches_task(batch_size: int = 256) -> tuple[pl.LightningModule, Any]:
+    """:func:`digits_task` with batches from one k-means cluster each (plus 25% random fillers)."""
+    from lightning_select.samplers import ClusteredBatchSampler
+
+    factory = functools.partial(ClusteredBatchSampler, num_clusters=COMPOSITION_CLUSTERS, mix=0.25)
+    return DigitsEmbeddingModule(hidden=32, dim=16), DigitsPairsDataModule(batch_size=batch_size, batch_sampler=factory)
+
+
+def cluster_reweighted_task(batch_size: int = 256) -> tuple[pl.LightningModule, Any]:
+    """:func:`digits_task` training 60% of the samples per epoch, drawn per student cluster by loss."""
+    from lightning_select.samplers import ClusterReweightedBatchSampler
+
+    factory = functools.partial(ClusterReweightedBatchSampler, num_clusters=COMPOSITION_CLUSTERS, budget=0.6,
+                                temperature=0.05, max_cluster_share=0.3)
+    return DigitsEmbeddingModule(hidden=32, dim=16), DigitsPairsDataModule(batch_size=batch_size, batch_sampler=factory)
+
+
+def _clustered_policies() -> list[pl.Callback]:
+    from lightning_select import BatchComposition
+
+    return [*_gist_policies(), BatchComposition(source="guide", progress=False)]
+
+
+def _reweighted_policies() -> list[pl.Callback]:
+    from lightning_select import BatchComposition
+
+    return [LossHistory(), BatchComposition(source="student", refresh_every_n_epochs=2, progress=False)]
+
+
+def _check_cluster_ids(ids: Tensor) -> None:
+    assert ids.shape == (DIGITS_TRAIN_SIZE,) and ids.dtype == torch.int64
+    assert ids.unique().tolist() == list(range(COMPOSITION_CLUSTERS))  # k = 10, none empty
+    first = [int((ids == c).nonzero()[0]) for c in range(COMPOSITION_CLUSTERS)]
+    assert first == sorted(first)  # canonical: clusters numbered by their smallest member
+
+
+def _clustered_check(state: dict[str, Tensor], epochs: int) -> None:
+    from lightning_select.samplers import kmeans_cluster_ids
+
+    _gist_check(state, epochs)
+    ids = state["composition/sampler/structure/cluster_ids"]
+    _check_cluster_ids(ids)
+    guide, data = DigitsLDAGuide.fit(seed=0), DigitsPairsDataModule()
+    data.setup("fit")
+    with torch.no_grad():  # the guide's embeddings computed here, in the cache's batches of 256
+        images = data.train_set.dataset.images
+        embedded = torch.cat([guide(images[a:a + 256]) for a in range(0, len(images), 256)])
+    assert torch.equal(ids, kmeans_cluster_ids(embedded, COMPOSITION_CLUSTERS, seed=0))
+
+
+def _reweighted_check(state: dict[str, Tensor], epochs: int) -> None:
+    import math
+
+    ids, prefix = state["composition/sampler/structure/cluster_ids"], "composition/sampler/structure/"
+    _check_cluster_ids(ids)
+    losses, ema = state[prefix + "sample_losses"], state["history/ema_loss"]
+    assert torch.equal(losses.nan_to_num(-1), ema.nan_to_num(-1))  # read from LossHistory at the last epoch end
+    assert int(state["history/count"].sum()) == epochs * REWEIGHT_BUDGET_SIZE  # single process: 862 distinct per epoch
+    sizes = torch.bincount(ids).double()
+    mean = [losses[ids == c][~losses[ids == c].isnan()].double().mean() for c in range(COMPOSITION_CLUSTERS)]
+    assert torch.allclose(state[prefix + "cluster_losses"], torch.stack(mean), rtol=1e-12)
+    w = state[prefix + "weights"]
+    assert abs(float(w.sum()) - 1) < 1e-12 and float(w.max()) <= 0.3 + 1e-12
+    free = w < 0.3 - 1e-12  # uncapped clusters: w ∝ size · exp(L / T) with T = 0.05
+    offset = (w[free] / sizes[free]).log() - torch.stack(mean)[free] / 0.05
+    assert bool(free.any()) and float(offset.max() - offset.min()) < 1e-9 * max(1.0, math.fabs(float(offset[0])))
+
+
+# ---------------------------------------------------------------------------- BatchComposition (neighbour exclusion)
+# No two samples closer than cosine 0.99 in the digits LDA guide (50 pairs) share a batch. Every epoch has 6 batches
+# (256 per step; DDP: 6 of 128 per rank) whatever the pairs, and at this threshold the fill places no sample next to
+# a neighbour in epochs 0-3 (at 0.98, 450 pairs, epoch 2 leaves 4 of 1437 next to one: the sampler's `collisions`).
+NEIGHBOUR_THRESHOLD, NEIGHBOUR_MAX = 0.99, 32
+
+
+def neighbour_exclusion_task(batch_size: int = 256) -> tuple[pl.LightningModule, Any]:
+    """:func:`digits_task` with batches that hold no pair of guide neighbours."""
+    from lightning_select.samplers import NeighbourExclusionBatchSampler
+
+    factory = functools.partial(NeighbourExclusionBatchSampler, threshold=NEIGHBOUR_THRESHOLD,
+                                max_neighbours=NEIGHBOUR_MAX)
+    return DigitsEmbeddingModule(hidden=32, dim=16), DigitsPairsDataModule(batch_size=batch_size, batch_sampler=factory)
+
+
+def _neighbour_check(state: dict[str, Tensor], epochs: int) -> None:
+    from lightning_select.samplers import neighbour_pairs
+
+    _gist_check(state, epochs)
+    pairs = state["composition/sampler/structure/pairs"]
+    guide, data = DigitsLDAGuide.fit(seed=0), DigitsPairsDataModule()
+    data.setup("fit")
+    with torch.no_grad():  # the guide's embeddings computed here, in the cache's batches of 256
+        images = data.train_set.dataset.images
+        embedded = torch.cat([guide(images[a:a + 256]) for a in range(0, len(images), 256)])
+    assert torch.equal(pairs, neighbour_pairs(embedded, NEIGHBOUR_THRESHOLD, NEIGHBOUR_MAX)) and pairs.shape[0] > 20
+    # GIST (t = 1, margin 0.2) flags every in-batch pair above guide cosine 0.8, so a neighbour pair (> 0.99) that
+    # shared a batch would be among the flagged pairs: none is.
+    n = DIGITS_TRAIN_SIZE
+    flagged = set((state["pairs/anchor_index"].long() * n + state["pairs/candidate_index"].long()).tolist())
+    flagged |= set((state["pairs/candidate_index"].long() * n + state["pairs/anchor_index"].long()).tolist())
+    assert flagged and flagged.isdisjoint((pairs[:, 0] * n + pairs[:, 1]).tolist())
+
+
 REGISTRY: list[PolicyCase] = [
     PolicyCase(
         name="gist", selector="gist", make_policies=_gist_policies, make_task=digits_task, state=_gist_state,
@@ -511,6 +637,12 @@ REGISTRY: list[PolicyCase] = [
         name="gist_attract", selector="gist_attract", make_policies=_gist_attract_policies, make_task=digits_task,
         state=_gist_state, activity=lambda s: int(s["pairs/anchor_index"].numel()),
         metric="gist/attracted_fraction_ap", check=_gist_check,
+    ),
+    PolicyCase(
+        name="false_negative_audit", selector="false_negative_audit", make_policies=_audit_policies,
+        make_task=digits_task, state=lambda p: {k: torch.as_tensor(v) for k, v in p[0].state_dict().items() if k != "blocks"},
+        activity=lambda s: int(s["sums"][0, 1]),
+        metric="fn_audit/ap_gold_fraction", check=_audit_check,
     ),
     PolicyCase(
         name="self_guide", selector="self_guide", make_policies=_self_guide_policies, make_task=digits_task,
@@ -602,6 +734,42 @@ REGISTRY: list[PolicyCase] = [
         name="hardness", selector="hardness", make_policies=_hardness_policies, make_task=digits_task,
         state=lambda p: {k: torch.as_tensor(v) for k, v in p[0].state_dict().items()},
         activity=lambda s: int(s["sums"][1]), metric="hardness/weighted_fraction", check=_hardness_check,
+    ),
+    PolicyCase(
+        name="clustered_batches", selector="clustered_batches", make_policies=_clustered_policies,
+        make_task=clustered_batches_task,
+        state=lambda p: {**_gist_state(p), **flatten(p[-1].state_dict(), "composition")},
+        activity=lambda s: int(s["composition/sampler/structure/cluster_ids"].unique().numel()),
+        metric="batch_composition/purity", check=_clustered_check,
+    ),
+    PolicyCase(
+        name="cluster_reweighted", selector="cluster_reweighted", make_policies=_reweighted_policies,
+        make_task=cluster_reweighted_task,
+        state=lambda p: {**flatten(p[0].store.state_dict(), "history"), **flatten(p[1].state_dict(), "composition")},
+        activity=lambda s: int(s["composition/sampler/structure/sample_losses"].isfinite().sum()),
+        metric="batch_composition/max_weight_share", check=_reweighted_check,
+    ),
+    PolicyCase(
+        name="neighbour_exclusion", selector="neighbour_exclusion", make_policies=_clustered_policies,
+        make_task=neighbour_exclusion_task,
+        state=lambda p: {**_gist_state(p), **flatten(p[-1].state_dict(), "composition")},
+        activity=lambda s: int(s["composition/sampler/structure/pairs"].shape[0]),
+        metric="batch_composition/refresh_seconds", check=_neighbour_check,
+    ),
+    PolicyCase(  # tests/registry_dynamics.py
+        name="training_dynamics", selector="training_dynamics", make_policies=dynamics_policies,
+        make_task=noisy_digits_task, state=dynamics_state,
+        activity=lambda s: int(s["store/table/columns/presentations"].sum()), metric="dynamics/confidence_mean",
+        check=dynamics_check, hydra_metric="heldout/accuracy",
+    ),
+    PolicyCase(  # tests/registry_dynamics.py; warm-up 1 epoch: flags and weights active in every fit
+        name="dbpm", selector="dbpm", make_policies=dbpm_policies, make_task=digits_task, state=dbpm_state,
+        activity=dbpm_activity, metric="dbpm/history_coverage", check=dbpm_check,
+    ),
+    PolicyCase(  # tests/registry_dynamics.py; warm-up 1 epoch, then the 20% lowest AUMs are not trained
+        name="dynamics_filter", selector="dynamics_filter", make_policies=filter_policies, make_task=noisy_digits_task,
+        state=filter_state, activity=lambda s: int(s["flags"].sum()), metric="dynamics/confidence_mean",
+        check=filter_check, hydra_metric="heldout/accuracy",
     ),
 ]
 REGISTRY_BY_NAME = {case.name: case for case in REGISTRY}

@@ -154,3 +154,46 @@ def test_self_guide_with_hardness_and_bad_mode(trainer_kwargs):
     gist = GuidedNegatives("self", anchor_column="image", positive_column="image", margin=-0.1)
     _, losses, _ = _spy_fit([gist, HardnessWeightedNegatives(alpha=2.0)], trainer_kwargs)
     assert bool(torch.isfinite(losses).all())
+
+
+# --------------------------------------------------------------------------- the gold false-negative audit
+def test_audit_counts_equal_a_recount_of_the_step(trainer_kwargs, digits_guide):
+    from lightning_select import FalseNegativeAudit
+
+    seen = {}
+
+    class Spy(DigitsEmbeddingModule):
+        def training_step(self, batch, batch_idx):
+            if torch.is_grad_enabled() and "label" not in seen:
+                seen["label"] = batch["label"].clone()
+            return super().training_step(batch, batch_idx)
+
+    for mode in ("drop", "attract"):
+        seen.clear()
+        gist = GuidedNegatives(digits_guide, anchor_column="image", positive_column="image", margin=0.3,
+                               false_negatives=mode)
+        audit = FalseNegativeAudit(key="label")
+        pl.Trainer(callbacks=[gist, audit], max_steps=1, limit_val_batches=0, **trainer_kwargs).fit(
+            Spy(), DigitsPairsDataModule(batch_size=64))
+        y, flagged = seen["label"], gist.last_masks["ap"]
+        gold = y.view(-1, 1) == y.view(1, -1)
+        gold.fill_diagonal_(False)
+        assert audit.sums[0].tolist() == [64 * 63, int(gold.sum()), int(flagged.sum()), int((gold & flagged).sum())]
+        summary = audit.summary()
+        assert summary["ap/gold_fraction"] > 0.05  # ten digit classes: about a tenth of the candidates
+        assert 0 < summary["ap/recall"] <= 1 and summary["ap/precision"] > 0.5
+        assert summary["ap/left_in_fraction"] < summary["ap/gold_fraction"]
+
+
+def test_audit_without_gist_measures_the_batches_and_rejects_missing_keys(trainer_kwargs):
+    from lightning_select import FalseNegativeAudit, SelectionError
+
+    audit = FalseNegativeAudit(key="label")
+    pl.Trainer(callbacks=[audit], max_steps=2, limit_val_batches=0, **trainer_kwargs).fit(
+        DigitsEmbeddingModule(), DigitsPairsDataModule(batch_size=64))
+    candidates, gold, flagged, true_flags = audit.sums[0].tolist()
+    assert candidates == 2 * 64 * 63 and flagged == true_flags == 0 and gold > 0
+    assert audit.summary()["ap/left_in_fraction"] == audit.summary()["ap/gold_fraction"]
+    with pytest.raises(SelectionError, match="gold keys under 'cluster'"):
+        pl.Trainer(callbacks=[FalseNegativeAudit(key="cluster")], max_steps=1, limit_val_batches=0,
+                   **trainer_kwargs).fit(DigitsEmbeddingModule(), DigitsPairsDataModule(batch_size=64))

@@ -40,10 +40,15 @@ _VAL_BATCH_SIZE = 512
 
 # ------------------------------------------------------------------------------------- datasets
 class _PairTable(Dataset):
-    """Anchor/positive strings with one integer key each."""
+    """Anchor/positive strings with one integer key each, and optionally mined negatives.
 
-    def __init__(self, anchors: list[str], positives: list[str], keys: Tensor) -> None:
-        self.anchors, self.positives, self.keys = anchors, positives, keys
+    ``negatives[i, k]`` is the training pair whose positive text is item ``i``'s ``negative_k``; its
+    positive's key is ``negative_k_cluster`` (the gold key a false-negative audit compares).
+    """
+
+    def __init__(self, anchors: list[str], positives: list[str], keys: Tensor,
+                 negatives: Optional[np.ndarray] = None) -> None:
+        self.anchors, self.positives, self.keys, self.negatives = anchors, positives, keys, negatives
 
     def __len__(self) -> int:
         return len(self.anchors)
@@ -54,6 +59,10 @@ class _PairTable(Dataset):
             "positive": self.positives[i],
             "anchor_cluster": int(self.keys[i, 0]),
             "positive_cluster": int(self.keys[i, 1]),
+            **({} if self.negatives is None else
+               {f"negative_{k}": self.positives[j] for k, j in enumerate(self.negatives[i].tolist())}),
+            **({} if self.negatives is None else
+               {f"negative_{k}_cluster": int(self.keys[j, 1]) for k, j in enumerate(self.negatives[i].tolist())}),
         }
 
 
@@ -77,7 +86,7 @@ class _TextPairsDataModule(pl.LightningDataModule):
     """Shared plumbing: train loader (seeded / no-duplicates / DDP), held-out loader, relevance."""
 
     def __init__(self, batch_size: int, seed: int, index_key: str, no_duplicates: bool,
-                 batch_sampler: Optional[BatchSamplerFactory] = None) -> None:
+                 batch_sampler: Optional[BatchSamplerFactory] = None, negatives_path: Optional[str] = None) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"Expected `batch_size` to be a positive int, but got {batch_size!r}.")
@@ -89,11 +98,21 @@ class _TextPairsDataModule(pl.LightningDataModule):
         self.index_key = index_key
         self.no_duplicates = no_duplicates
         self.batch_sampler = batch_sampler
+        self.negatives_path = negatives_path
         self.train_set: Optional[IndexedDataset] = None
         self.test_set: Optional[IndexedDataset] = None
         self.train_keys: Optional[Tensor] = None  # [M, 2] anchor/positive keys
         self.test_texts: list[str] = []
         self._relevance: Optional[Tensor] = None
+
+    def _pair_table(self, anchors: list[str], positives: list[str], keys: Tensor) -> _PairTable:
+        """The training pairs, with ``negative_0..K-1`` columns from ``negatives_path`` if set."""
+        negatives = None
+        if self.negatives_path is not None:
+            from lightning_select.mining import load_negative_ids
+
+            negatives = load_negative_ids(self.negatives_path, anchors, positives, self.seed)
+        return _PairTable(anchors, positives, keys, negatives)
 
     def _require_setup(self) -> None:
         if self.train_set is None or self.test_set is None:
@@ -186,6 +205,11 @@ class QuoraDuplicatesDataModule(_TextPairsDataModule):
         batch_sampler: a factory of a composing batch sampler (clustered, cluster-reweighted,
             neighbour-exclusion), called as in :mod:`lightning_select.samplers.factory`; excludes
             ``no_duplicates``.
+        negatives_path: a negatives file from :mod:`lightning_select.mining` (``.npz``) mined for this
+            training set (same split and subsample; checked by size and a fingerprint of the texts).
+            Each training item then carries ``negative_0..negative_{K-1}``: the positive text of the
+            mined pair. A pair the miner left short (``-1``) gets a random other pair's positive,
+            drawn once with ``seed`` (never its own positive or anchor text).
     """
 
     def __init__(
@@ -200,8 +224,9 @@ class QuoraDuplicatesDataModule(_TextPairsDataModule):
         no_duplicates: bool = False,
         hf_dataset: Optional[str] = None,
         batch_sampler: Optional[BatchSamplerFactory] = None,
+        negatives_path: Optional[str] = None,
     ) -> None:
-        super().__init__(batch_size, seed, index_key, no_duplicates, batch_sampler)
+        super().__init__(batch_size, seed, index_key, no_duplicates, batch_sampler, negatives_path)
         if max_train_pairs is not None and max_train_pairs < 1:
             raise ValueError(f"Expected `max_train_pairs` to be None or >= 1, but got {max_train_pairs}.")
         if test_clusters < 1:
@@ -278,7 +303,7 @@ class QuoraDuplicatesDataModule(_TextPairsDataModule):
         self.train_clusters = train_clusters
         self.train_keys = torch.stack([train_clusters, train_clusters], dim=1)
         self.train_set = IndexedDataset(
-            _PairTable(a_text[rows].tolist(), p_text[rows].tolist(), self.train_keys), self.index_key
+            self._pair_table(a_text[rows].tolist(), p_text[rows].tolist(), self.train_keys), self.index_key
         )
         self.test_set = IndexedDataset(_TextTable(self.test_texts, self.test_labels), self.index_key)
 
@@ -314,6 +339,7 @@ class SickDataModule(_TextPairsDataModule):
         index_key: key of the sample index in each batch.
         no_duplicates: batch with :class:`NoDuplicatesBatchSampler` (single process only).
         batch_sampler: a factory of a composing batch sampler, as for :class:`QuoraDuplicatesDataModule`.
+        negatives_path: mined hard negatives, as for :class:`QuoraDuplicatesDataModule`.
     """
 
     def __init__(
@@ -325,8 +351,9 @@ class SickDataModule(_TextPairsDataModule):
         index_key: str = "index",
         no_duplicates: bool = False,
         batch_sampler: Optional[BatchSamplerFactory] = None,
+        negatives_path: Optional[str] = None,
     ) -> None:
-        super().__init__(batch_size, seed, index_key, no_duplicates, batch_sampler)
+        super().__init__(batch_size, seed, index_key, no_duplicates, batch_sampler, negatives_path)
         if not 1.0 <= min_relatedness <= 5.0:
             raise ValueError(f"Expected `min_relatedness` in [1, 5] (the SICK scale), but got {min_relatedness}.")
         self.data_dir = data_dir
@@ -354,7 +381,7 @@ class SickDataModule(_TextPairsDataModule):
                 "Lower `min_relatedness`."
             )
         self.train_sentences, self.train_keys = self._ids(a, b)
-        self.train_set = IndexedDataset(_PairTable(a, b, self.train_keys), self.index_key)
+        self.train_set = IndexedDataset(self._pair_table(a, b, self.train_keys), self.index_key)
 
         ta, tb, tscore = load_sick(self.data_dir, "test")
         self.test_texts, test_ids = self._ids(ta, tb)

@@ -76,6 +76,10 @@ class DigitsEmbeddingModule(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.encoder(x)
 
+    def cluster_embedding(self, batch: dict[str, Any]) -> Tensor:
+        """``[B, D]`` embeddings of the raw (un-augmented) images, for batch composition by the student."""
+        return self.encoder(batch["image"])
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
         out = EmbeddingOutput(
             anchor=self(batch["view1"]), positive=self(batch["view2"]), temperature=self.hparams.temperature

@@ -239,6 +239,10 @@ class TextEmbeddingModule(pl.LightningModule):
     def forward(self, texts: list[str]) -> Tensor:
         return self.encoder(texts)
 
+    def cluster_embedding(self, batch: dict[str, Any]) -> Tensor:
+        """``[B, D]`` embeddings of the anchor texts, for batch composition by the student."""
+        return self.encoder(batch[self.hparams.anchor_key])
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Any:
         hp = self.hparams
         negatives = None

@@ -4,8 +4,12 @@ See CONTRIBUTING.md for the pattern every policy follows.
 """
 
 from lightning_select.policies.adaptive_batch_size import AdaptiveBatchSize
+from lightning_select.policies.batch_composition import BatchComposition
 from lightning_select.policies.color_filter import ColorFilter
+from lightning_select.policies.dbpm import DBPM
+from lightning_select.policies.dynamics_filter import DynamicsFilter
 from lightning_select.policies.entropy_selection import EntropySelection
+from lightning_select.policies.false_negative_audit import FalseNegativeAudit
 from lightning_select.policies.focal_weighting import FocalWeighting
 from lightning_select.policies.guided_negatives import GuidedNegatives
 from lightning_select.policies.hardness_weighted_negatives import HardnessWeightedNegatives
@@ -19,4 +23,4 @@ from lightning_select.policies.reducible_loss import ReducibleLossSelection
 from lightning_select.policies.selective_backprop import SelectiveBackprop
 from lightning_select.policies.uniform_subset import UniformSubset
 
-__all__ = ["AdaptiveBatchSize", "ColorFilter", "EntropySelection", "GuidedNegatives", "HardBatches", "SelectionAudit", "ImportanceSampling", "ReducibleLossSelection", "SelectiveBackprop", "UniformSubset", "FocalWeighting", "OHEM", "LossSoftmaxWeighting", "HardnessWeightedNegatives", "InfoBatch"]
+__all__ = ["AdaptiveBatchSize", "DBPM", "DynamicsFilter", "BatchComposition", "ColorFilter", "EntropySelection", "GuidedNegatives", "HardBatches", "SelectionAudit", "ImportanceSampling", "ReducibleLossSelection", "SelectiveBackprop", "UniformSubset", "FocalWeighting", "OHEM", "LossSoftmaxWeighting", "HardnessWeightedNegatives", "InfoBatch", "FalseNegativeAudit"]

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Sampler
 
 from lightning_select.samplers.epoch import EpochForwarder, epoch_generator
+from lightning_select.samplers.greedy import greedy_batches
 
 
 class NoDuplicatesBatchSampler(Sampler[list[int]]):
@@ -88,22 +89,8 @@ class NoDuplicatesBatchSampler(Sampler[list[int]]):
         if self._cache is not None and self._cache[0] == self.epoch:
             return self._cache[1]
         g = epoch_generator(self.seed, self.epoch)
-        remaining = dict.fromkeys(torch.randperm(len(self.keys), generator=g).tolist())  # ordered set
-        batches: list[list[int]] = []
-        while remaining:
-            batch: list[int] = []
-            taken: set[Hashable] = set()
-            for i in remaining:
-                k = self.keys[i]
-                if taken.isdisjoint(k):
-                    batch.append(i)
-                    taken.update(k)
-                    if len(batch) == self.batch_size:
-                        break
-            for i in batch:
-                del remaining[i]
-            if len(batch) == self.batch_size or not self.drop_last:
-                batches.append(batch)
+        order = torch.randperm(len(self.keys), generator=g).tolist()
+        batches = greedy_batches(order, self.batch_size, self.keys, drop_last=self.drop_last)
         if self.num_replicas > 1 and batches:
             padded = batches + batches[: (-len(batches)) % self.num_replicas]
             batches = padded[self.rank :: self.num_replicas]
