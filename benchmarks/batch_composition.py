@@ -7,6 +7,9 @@ they bring (columns).
             clustered  ClusteredBatchSampler: one k-means cluster of the guide's anchor embeddings per
                        batch (k = N // 80, the probe's 250 on Quora), fed by BatchComposition from the
                        guide-embedding cache (no extra guide pass when GIST runs)
+            exclusion  (not in the default grid) NeighbourExclusionBatchSampler: random batches in which no two
+                       samples whose guide anchor embeddings have cosine > 0.8 meet (the duplicate-free
+                       sampler generalised to guide neighbourhoods)
             mined      random batches plus one mined hard negative per pair (lightning_select.mining:
                        top-20 neighbours by the guide, the guide's false negatives removed with the
                        relative rule at m = 0.05, NV-Retriever's "95% of the positive"); GIST also
@@ -46,15 +49,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_select import BatchComposition, FalseNegativeAudit, GuidedNegatives, SelectionEngine, load_guide  # noqa: E402
+from lightning_select import (  # noqa: E402
+    BatchComposition,
+    FalseNegativeAudit,
+    GuidedNegatives,
+    SelectionEngine,
+    load_guide,
+)
 from lightning_select.data import QuoraDuplicatesDataModule, SickDataModule, load_stsb  # noqa: E402
 from lightning_select.evaluation import sts_spearman  # noqa: E402
 from lightning_select.models import TextEmbeddingModule  # noqa: E402
-from lightning_select.samplers import ClusteredBatchSampler  # noqa: E402
+from lightning_select.samplers import ClusteredBatchSampler, NeighbourExclusionBatchSampler  # noqa: E402
 
 from gist_quality import seed_summary  # noqa: E402
 
 BATCHES = ["random", "clustered", "mined"]
+EXCLUSION_THRESHOLD = 0.8
 LOSSES = ["mnrl", "gist", "gist_m0", "attract", "self"]
 CLUSTER_SIZE = 80
 GIST_MARGIN = {"margin": 0.1, "margin_strategy": "relative"}
@@ -98,6 +108,8 @@ def run(dataset: str, batches: str, loss: str, seed: int, args, guide, stsb, min
         probe = datamodule(dataset, args, 64, seed)
         n_train = len(probe.train_set)
         sampler = partial(ClusteredBatchSampler, num_clusters=max(n_train // CLUSTER_SIZE, 2), mix=args.mix)
+    elif batches == "exclusion":
+        sampler = partial(NeighbourExclusionBatchSampler, threshold=EXCLUSION_THRESHOLD)
     dm = datamodule(dataset, args, 64, seed, batch_sampler=sampler, negatives_path=str(mined_path) if mined else None)
     negative_keys = ("negative_0",) if mined else ()
     model = TextEmbeddingModule(student_path=os.path.join(args.data_dir, "models", "minilm-l6-m2v-128d"),
@@ -112,7 +124,7 @@ def run(dataset: str, batches: str, loss: str, seed: int, args, guide, stsb, min
                                          precompute=True, false_negatives="attract" if loss == "attract" else "drop"))
     elif loss == "self":
         callbacks.append(GuidedNegatives("self", **gist_kw, margin=-0.1))
-    if batches == "clustered":  # the guide cache of GIST when it runs, else the same disk cache through its own guide
+    if batches in ("clustered", "exclusion"):  # GIST's guide cache when it runs, else its disk cache via its own guide
         callbacks.append(BatchComposition(source="guide", columns=["anchor"]) if model_guide else
                          BatchComposition(source="guide", guide=guide, guide_columns=["anchor", "positive"],
                                           columns=["anchor"], cache="disk", cache_dir=cache_dir))
@@ -142,7 +154,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("LIGHTNING_SELECT_DATA", "../shared/data"))
     parser.add_argument("--datasets", nargs="+", default=["quora", "sick"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--batches", nargs="+", default=BATCHES, choices=BATCHES)
+    parser.add_argument("--batches", nargs="+", default=BATCHES, choices=[*BATCHES, "exclusion"])
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
     parser.add_argument("--mix", type=float, default=0.0, help="share of each clustered batch drawn at random")
     parser.add_argument("--sick-epochs", type=int, default=5)
@@ -168,10 +180,12 @@ def main() -> None:
                 shown = ("ndcg@10", "mrr@10", "stsb_spearman", "train_seconds", "ap_gold_fraction",
                          "ap_flagged_fraction", "ap_precision", "ap_recall", "ap_left_in_fraction")
                 print(f"{dataset:6s} {batches:9s} {loss:8s} " + "  ".join(
-                    f"{k}={summary[k]['mean']:.4f}±{summary[k]['std']:.4f}" for k in shown if k in summary), flush=True)
+                    f"{k}={summary[k]['mean']:.4f}±{summary[k]['std']:.4f}" for k in shown if k in summary),
+                    flush=True)
                 record = {"benchmark": "batch_composition", "command": "python benchmarks/batch_composition.py",
                           "seeds": args.seeds, "epochs": args.epochs, "mix": args.mix, "cluster_size": CLUSTER_SIZE,
-                          "gist_margin": GIST_MARGIN, "mining_options": MINING, "mining": mining, "results": results}
+                          "gist_margin": GIST_MARGIN, "exclusion_threshold": EXCLUSION_THRESHOLD,
+                          "mining_options": MINING, "mining": mining, "results": results}
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(record, indent=2) + "\n")
 

@@ -119,7 +119,8 @@ def main() -> None:
         for key, r in rows.items():
             print(f"    {key:14s} P={r['precision']:.3f} R={r['recall']:.3f} F1={r['f1']:.3f} "
                   f"flagged={r['flagged_fraction']:.5f} left_in={r['left_in_fraction']:.5f}")
-    best = max(results["compositions"]["clustered_mix0.0"].values(), key=lambda r: r["f1"] if r["f1"] == r["f1"] else -1)
+    clustered = results["compositions"]["clustered_mix0.0"].values()
+    best = max(clustered, key=lambda r: r["f1"] if r["f1"] == r["f1"] else -1)
     results["chosen"] = {"strategy": best["strategy"], "margin": best["margin"], "rule": "best F1 on clustered batches"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -185,9 +185,25 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def draw_map(out_dir: Path) -> Path:
+    """The cartography map (variability against confidence, coloured by correctness, the truly mislabelled
+    samples ringed) of the table the ``auc`` part keeps, as ``training_dynamics_cifar10n_worse_map.png``."""
+    import pandas as pd
+
+    from lightning_select.report.figures import cartography_png
+
+    table = pd.read_parquet(out_dir / "training_dynamics_cifar10n_worse.parquet")
+    path = out_dir / "training_dynamics_cifar10n_worse_map.png"
+    path.write_bytes(cartography_png(table["variability"].to_numpy(), table["confidence"].to_numpy(),
+                                     table["correctness"].to_numpy(), table["noisy"].to_numpy()))
+    print(f"wrote {path.name} ({len(table)} samples)")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("auc", "filter"), required=True)
+    parser.add_argument("--part", choices=("auc", "filter", "map"), required=True,
+                        help="map: draw the cartography map of the auc part's saved table (README figure)")
     parser.add_argument("--data-dir", default=None, help="the shared data folder (default ../shared/data)")
     parser.add_argument("--cache-dir", default=None, help="decoded-image cache folder (not recorded)")
     parser.add_argument("--label-set", default="worse")
@@ -214,6 +230,9 @@ def main() -> None:
 
         args.data_dir = DEFAULT_DATA_DIR
     torch.set_num_threads(args.threads)
+    if args.part == "map":
+        draw_map(args.out_dir)
+        return
     argv, skip = [], False
     for a in sys.argv[1:]:  # no machine paths in the results: drop the folder options from the recorded command
         if skip:
