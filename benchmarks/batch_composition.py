@@ -149,6 +149,38 @@ def run(dataset: str, batches: str, loss: str, seed: int, args, guide, stsb, min
     return metrics
 
 
+def markdown(record: dict) -> str:
+    """The grid as Markdown tables (one per dataset): quality, false negatives and wall clock per cell."""
+    lines = ["# Batch composition × false-negative handling", "",
+             f"Reproduce: `{record['command']}`. Seeds {record['seeds']}; mean ± std (population) over seeds. "
+             "Gold false negatives: Quora = same duplicate cluster, SICK = the same exact sentence. AP = anchor × "
+             "in-batch positives (own excluded); left in = gold false negatives the loss still treats as negatives, "
+             "as a share of AP candidates. Seconds: the fit, clustering included (mining is offline, below).", ""]
+    for dataset, cells in record["results"].items():
+        lines += [f"## {dataset}", "", "| batches / loss | nDCG@10 | MRR@10 | STSb ρ | gold FN (AP) | flagged | precision "
+                  "| recall | left in | AN gold FN | AN flagged | AN left in | fit s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+        def cell(r: dict, key: str, fmt: str = "{:.4f}", std: bool = False) -> str:
+            if key not in r or r[key]["mean"] != r[key]["mean"]:
+                return "–"
+            return fmt.format(r[key]["mean"]) + (f" ± {r[key]['std']:.4f}" if std else "")
+
+        for name, r in cells.items():
+            lines.append(f"| {name} | {cell(r, 'ndcg@10', std=True)} | {cell(r, 'mrr@10')} | "
+                         f"{cell(r, 'stsb_spearman')} | {cell(r, 'ap_gold_fraction', '{:.5f}')} | "
+                         f"{cell(r, 'ap_flagged_fraction', '{:.5f}')} | {cell(r, 'ap_precision', '{:.3f}')} | "
+                         f"{cell(r, 'ap_recall', '{:.3f}')} | {cell(r, 'ap_left_in_fraction', '{:.5f}')} | "
+                         f"{cell(r, 'an0_gold_fraction', '{:.4f}')} | {cell(r, 'an0_flagged_fraction', '{:.4f}')} | "
+                         f"{cell(r, 'an0_left_in_fraction', '{:.4f}')} | {cell(r, 'train_seconds', '{:.1f}')} |")
+        mining = record.get("mining", {}).get(dataset)
+        if mining:
+            lines += ["", "Mining (offline, once): " + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in mining.items())]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.environ.get("LIGHTNING_SELECT_DATA", "../shared/data"))
@@ -161,7 +193,11 @@ def main() -> None:
     parser.add_argument("--quora-epochs", type=int, default=1)
     parser.add_argument("--cache-dir", default=str(Path(__file__).parent / ".cache"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "batch_composition.json")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md table from the .json and stop")
     args = parser.parse_args()
+    if args.markdown_only:
+        args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.read_text())))
+        return
     args.epochs = {"sick": args.sick_epochs, "quora": args.quora_epochs}
     torch.set_num_threads(2)
     guide = load_guide("minilm")
@@ -188,6 +224,7 @@ def main() -> None:
                           "mining_options": MINING, "mining": mining, "results": results}
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(record, indent=2) + "\n")
+                args.out.with_suffix(".md").write_text(markdown(record))
 
 
 if __name__ == "__main__":
