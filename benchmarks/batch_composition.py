@@ -10,6 +10,12 @@ they bring (columns).
             exclusion  (not in the default grid) NeighbourExclusionBatchSampler: random batches in which no two
                        samples whose guide anchor embeddings have cosine > 0.8 meet (the duplicate-free
                        sampler generalised to guide neighbourhoods)
+            reweighted (not in the default grid) ClusterReweightedBatchSampler (Diversify-and-Conquer style): each
+                       epoch trains half the pairs, drawn per guide cluster (k = N // 80) with weights
+                       ∝ size·exp(mean recent loss / 0.1) from LossHistory, no cluster above 2% of the
+                       mass; twice the epochs, so as many samples as one full epoch
+            budget     (not in the default grid) the same sampler with T = 1e6: a uniform half per epoch,
+                       the reweighting's baseline at the same budget
             mined      random batches plus one mined hard negative per pair (lightning_select.mining:
                        top-20 neighbours by the guide, the guide's false negatives removed with the
                        relative rule at m = 0.05, NV-Retriever's "95% of the positive"); GIST also
@@ -53,13 +59,18 @@ from lightning_select import (  # noqa: E402
     BatchComposition,
     FalseNegativeAudit,
     GuidedNegatives,
+    LossHistory,
     SelectionEngine,
     load_guide,
 )
 from lightning_select.data import QuoraDuplicatesDataModule, SickDataModule, load_stsb  # noqa: E402
 from lightning_select.evaluation import sts_spearman  # noqa: E402
 from lightning_select.models import TextEmbeddingModule  # noqa: E402
-from lightning_select.samplers import ClusteredBatchSampler, NeighbourExclusionBatchSampler  # noqa: E402
+from lightning_select.samplers import (  # noqa: E402
+    ClusteredBatchSampler,
+    ClusterReweightedBatchSampler,
+    NeighbourExclusionBatchSampler,
+)
 
 from gist_quality import seed_summary  # noqa: E402
 
@@ -108,6 +119,11 @@ def run(dataset: str, batches: str, loss: str, seed: int, args, guide, stsb, min
         probe = datamodule(dataset, args, 64, seed)
         n_train = len(probe.train_set)
         sampler = partial(ClusteredBatchSampler, num_clusters=max(n_train // CLUSTER_SIZE, 2), mix=args.mix)
+    elif batches in ("reweighted", "budget"):
+        probe = datamodule(dataset, args, 64, seed)
+        n_train = len(probe.train_set)
+        sampler = partial(ClusterReweightedBatchSampler, num_clusters=max(n_train // CLUSTER_SIZE, 2), budget=0.5,
+                          temperature=0.1 if batches == "reweighted" else 1e6, max_cluster_share=0.02)
     elif batches == "exclusion":
         sampler = partial(NeighbourExclusionBatchSampler, threshold=EXCLUSION_THRESHOLD)
     dm = datamodule(dataset, args, 64, seed, batch_sampler=sampler, negatives_path=str(mined_path) if mined else None)
@@ -124,14 +140,16 @@ def run(dataset: str, batches: str, loss: str, seed: int, args, guide, stsb, min
                                          precompute=True, false_negatives="attract" if loss == "attract" else "drop"))
     elif loss == "self":
         callbacks.append(GuidedNegatives("self", **gist_kw, margin=-0.1))
-    if batches in ("clustered", "exclusion"):  # GIST's guide cache when it runs, else its disk cache via its own guide
+    if batches in ("reweighted", "budget"):
+        callbacks.append(LossHistory())
+    if batches in ("clustered", "exclusion", "reweighted", "budget"):  # GIST's cache, else its disk cache via a guide
         callbacks.append(BatchComposition(source="guide", columns=["anchor"]) if model_guide else
                          BatchComposition(source="guide", guide=guide, guide_columns=["anchor", "positive"],
                                           columns=["anchor"], cache="disk", cache_dir=cache_dir))
     audit = FalseNegativeAudit(key="anchor_cluster", positive_key="positive_cluster",
                                negative_keys=["negative_0_cluster"] if mined else [])
     callbacks.append(audit)
-    epochs = args.epochs[dataset]
+    epochs = args.epochs[dataset] * (2 if batches in ("reweighted", "budget") else 1)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                          check_val_every_n_epoch=epochs)
@@ -157,8 +175,10 @@ def markdown(record: dict) -> str:
              "in-batch positives (own excluded); left in = gold false negatives the loss still treats as negatives, "
              "as a share of AP candidates. Seconds: the fit, clustering included (mining is offline, below).", ""]
     for dataset, cells in record["results"].items():
-        lines += [f"## {dataset}", "", "| batches / loss | nDCG@10 | MRR@10 | STSb ρ | gold FN (AP) | flagged | precision "
-                  "| recall | left in | AN gold FN | AN flagged | AN left in | fit s |",
+        lines += [f"## {dataset}", "",
+                  "| batches / loss | nDCG@10 | MRR@10 | STSb ρ | gold FN (AP) | flagged | precision | recall "
+                  "| left in "
+                  "| AN gold FN | AN flagged | AN left in | fit s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
         def cell(r: dict, key: str, fmt: str = "{:.4f}", std: bool = False) -> str:
@@ -186,7 +206,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("LIGHTNING_SELECT_DATA", "../shared/data"))
     parser.add_argument("--datasets", nargs="+", default=["quora", "sick"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--batches", nargs="+", default=BATCHES, choices=[*BATCHES, "exclusion"])
+    parser.add_argument("--batches", nargs="+", default=BATCHES,
+                        choices=[*BATCHES, "exclusion", "reweighted", "budget"])
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
     parser.add_argument("--mix", type=float, default=0.0, help="share of each clustered batch drawn at random")
     parser.add_argument("--sick-epochs", type=int, default=5)
