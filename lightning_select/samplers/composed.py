@@ -32,36 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from lightning_select.samplers.epoch import SelfShardingSampler, check_replicas
-
-
-class _EpochHook(SelfShardingSampler):
-    """``batch_sampler.sampler``: forwards Lightning's ``set_epoch`` and declares the sampler sharded.
-
-    Lightning calls ``set_epoch`` on ``loader.sampler`` and ``loader.batch_sampler.sampler`` only;
-    iterating yields this rank's indices of the owner's current epoch, flattened.
-    """
-
-    def __init__(self, owner: "ComposedBatchSampler") -> None:
-        self.owner = owner
-        self.num_replicas, self.rank, self.seed, self.drop_last = owner.num_replicas, owner.rank, owner.seed, False
-
-    @property
-    def epoch(self) -> int:  # type: ignore[override]
-        return self.owner.epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self.owner.set_epoch(value)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.owner.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter([i for b in self.owner.rank_batches() for i in b])
-
-    def __len__(self) -> int:
-        return sum(len(b) for b in self.owner.rank_batches())
+from lightning_select.samplers.epoch import _EpochHook, check_replicas
 
 
 class ComposedBatchSampler(Sampler[list[int]]):
@@ -96,7 +67,7 @@ class ComposedBatchSampler(Sampler[list[int]]):
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.drop_last, self.num_replicas, self.rank = bool(drop_last), num_replicas, rank
         self.epoch = 0
-        self.sampler = _EpochHook(self)
+        self.sampler = _EpochHook(self, self.rank_batches)
         self._cache: Optional[tuple[int, list[list[int]]]] = None
         self._skip = 0
 

@@ -85,6 +85,39 @@ class SelfShardingSampler(DistributedSampler):
         pass
 
 
+class _EpochHook(SelfShardingSampler):
+    """``batch_sampler.sampler`` of a self-sharding batch sampler (``owner``): forwards Lightning's
+    ``set_epoch`` and declares the owner sharded.
+
+    Lightning calls ``set_epoch`` on ``loader.sampler`` and ``loader.batch_sampler.sampler`` only, so this
+    forwards it to the owner. Iterating yields this rank's indices of the owner's current epoch
+    (``rank_batches()``), flattened. As a
+    :class:`SelfShardingSampler` it tells Lightning (through
+    :class:`~lightning_select.samplers.resumable.ResumableDataLoader`) to leave the loader as it is.
+    """
+
+    def __init__(self, owner: Any, rank_batches: Callable[[], list[list[int]]]) -> None:
+        self.owner, self._rank_batches = owner, rank_batches
+        self.num_replicas, self.rank, self.seed, self.drop_last = owner.num_replicas, owner.rank, owner.seed, False
+
+    @property
+    def epoch(self) -> int:  # type: ignore[override]
+        return self.owner.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.owner.set_epoch(value)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([i for b in self._rank_batches() for i in b])
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._rank_batches())
+
+
 class EpochSeededSampler(Sampler[int]):
     """Random permutation seeded by ``(seed, epoch)``; Lightning calls :meth:`set_epoch` every epoch.
 

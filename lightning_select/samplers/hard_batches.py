@@ -22,37 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from lightning_select.samplers.epoch import SelfShardingSampler, check_replicas, epoch_generator, shard
+from lightning_select.samplers.epoch import _EpochHook, check_replicas, epoch_generator, shard
 from lightning_select.samplers.rs2 import check_sampler_options
-
-
-class _EpochHook(SelfShardingSampler):
-    """``batch_sampler.sampler``: Lightning calls ``set_epoch`` on ``loader.sampler`` and on
-    ``loader.batch_sampler.sampler`` only, so this forwards it to the batch sampler. Iterating it
-    yields this rank's indices of the owner's current epoch, flattened. It declares the batch
-    sampler as already sharded (a :class:`~lightning_select.samplers.epoch.SelfShardingSampler`;
-    :class:`~lightning_select.samplers.resumable.ResumableDataLoader` shows it as ``loader.sampler``)."""
-
-    def __init__(self, owner: "HardBatchSampler") -> None:
-        self.owner = owner
-        self.num_replicas, self.rank, self.seed, self.drop_last = owner.num_replicas, owner.rank, owner.seed, False
-
-    @property
-    def epoch(self) -> int:  # type: ignore[override]
-        return self.owner.epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self.owner.set_epoch(value)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.owner.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter([i for b in self.owner.epoch_batches() for i in b])
-
-    def __len__(self) -> int:
-        return sum(len(b) for b in self.owner.epoch_batches())
 
 
 class HardBatchSampler(Sampler[list[int]]):
@@ -152,7 +123,7 @@ class HardBatchSampler(Sampler[list[int]]):
             self.batch_of_index[torch.tensor(members)] = b
         #: ``[b]`` float32: each batch's most recently recorded loss (``+inf`` until recorded).
         self.losses = torch.full((self.num_batches,), float("inf"), dtype=torch.float32)
-        self.sampler = _EpochHook(self)
+        self.sampler = _EpochHook(self, self.epoch_batches)
         self._cache: Optional[tuple[int, list[int]]] = None
         self._skip = 0
 
