@@ -14,6 +14,8 @@ they bring (columns).
                        epoch trains half the pairs, drawn per guide cluster (k = N // 80) with weights
                        ∝ size·exp(mean recent loss / 0.1) from LossHistory, no cluster above 2% of the
                        mass; twice the epochs, so as many samples as one full epoch
+            student    (not in the default grid) clustered batches from the *student's* anchor embeddings,
+                       re-embedded and re-clustered at every epoch start (refresh_every_n_epochs=1)
             budget     (not in the default grid) the same sampler with T = 1e6: a uniform half per epoch,
                        the reweighting's baseline at the same budget
             mined      random batches plus one mined hard negative per pair (lightning_select.mining:
@@ -115,7 +117,7 @@ def run(dataset: str, batches: str, loss: str, seed: int, args, guide, stsb, min
     mined = batches == "mined"
     n_train = 20000 if dataset == "quora" else None
     sampler = None
-    if batches == "clustered":
+    if batches in ("clustered", "student"):
         probe = datamodule(dataset, args, 64, seed)
         n_train = len(probe.train_set)
         sampler = partial(ClusteredBatchSampler, num_clusters=max(n_train // CLUSTER_SIZE, 2), mix=args.mix)
@@ -142,7 +144,9 @@ def run(dataset: str, batches: str, loss: str, seed: int, args, guide, stsb, min
         callbacks.append(GuidedNegatives("self", **gist_kw, margin=-0.1))
     if batches in ("reweighted", "budget"):
         callbacks.append(LossHistory())
-    if batches in ("clustered", "exclusion", "reweighted", "budget"):  # GIST's cache, else its disk cache via a guide
+    if batches == "student":
+        callbacks.append(BatchComposition(source="student", refresh_every_n_epochs=1))
+    elif batches in ("clustered", "exclusion", "reweighted", "budget"):  # GIST's cache, else its disk cache via a guide
         callbacks.append(BatchComposition(source="guide", columns=["anchor"]) if model_guide else
                          BatchComposition(source="guide", guide=guide, guide_columns=["anchor", "positive"],
                                           columns=["anchor"], cache="disk", cache_dir=cache_dir))
@@ -207,7 +211,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["quora", "sick"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batches", nargs="+", default=BATCHES,
-                        choices=[*BATCHES, "exclusion", "reweighted", "budget"])
+                        choices=[*BATCHES, "exclusion", "reweighted", "budget", "student"])
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
     parser.add_argument("--mix", type=float, default=0.0, help="share of each clustered batch drawn at random")
     parser.add_argument("--sick-epochs", type=int, default=5)
