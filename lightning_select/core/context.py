@@ -99,6 +99,25 @@ class StepContext:
         value = out.get(name) if isinstance(out, dict) else None
         return value if isinstance(value, Tensor) else None
 
+    def row_column(self, key: str, owner: str, what: str, fix: str) -> Tensor:
+        """The ``[len(rows)]`` batch column ``key`` of the trained rows (e.g. class targets, gold keys), or a
+        :class:`SelectionError` saying that ``owner`` needs ``what`` under ``key``, what the batch holds, and ``fix``.
+
+        Example::
+
+            >>> ctx = StepContext(None, None, {"label": torch.tensor([1, 0])}, 0, torch.arange(2), 2, torch.arange(2))
+            >>> ctx.row_column("label", "Policy", "class targets", "set target_key").tolist()
+            [1, 0]
+        """
+        n = self.rows.numel()
+        batch = self.sub_batch if self.sub_batch is not None else self.batch
+        value = batch.get(key) if isinstance(batch, dict) else None
+        if not isinstance(value, Tensor) or value.dim() != 1 or value.shape[0] != n:
+            keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise SelectionError(f"{owner} needs the batch to hold [{n}] {what} under {key!r}, but the batch has "
+                                 f"{keys}; {fix}.")
+        return value
+
     @property
     def sample_weights(self) -> Tensor:
         """The final ``[len(rows)]`` weights (ones when no policy weighted)."""

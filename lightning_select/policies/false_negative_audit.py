@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_select.core import SelectionError, SelectionPolicy, StepContext
+from lightning_select.core import SelectionPolicy, StepContext
 from lightning_select.core.engine import override
 from lightning_select.core.options import str_list_option, str_option
 from lightning_select.policies.guided_negatives import GuidedNegatives
@@ -119,24 +119,21 @@ class FalseNegativeAudit(SelectionPolicy):
         found = [cb for cb in trainer.callbacks if isinstance(cb, GuidedNegatives)]  # type: ignore[attr-defined]
         self._gist = found[0] if found else None
 
-    def _keys(self, batch: Any, name: str, n: int) -> Tensor:
-        value = batch.get(name) if isinstance(batch, dict) else None
-        if not isinstance(value, Tensor) or value.dim() != 1 or value.shape[0] != n:
-            keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise SelectionError(f"FalseNegativeAudit needs [{n}] gold keys under {name!r} in every training batch, "
-                                 f"but the batch has {keys}; set `key`/`positive_key`/`negative_keys` to the batch "
-                                 "keys of the gold labels (e.g. a Quora cluster id or a class label).")
-        return value
+    @staticmethod
+    def _keys(ctx: StepContext, name: str) -> Tensor:
+        return ctx.row_column(name, "FalseNegativeAudit", "gold keys",
+                              "set `key`/`positive_key`/`negative_keys` to the batch keys of the gold labels (e.g. a "
+                              "Quora cluster id or a class label)")
 
     def observe(self, ctx: StepContext) -> None:
         if ctx.phase != "train":
             return
-        batch, n = ctx.sub_batch, int(ctx.rows.numel())
+        n = int(ctx.rows.numel())
         device = ctx.losses.device if ctx.losses is not None else torch.device("cpu")
         counts = torch.zeros_like(self.sums, device=device)
         if ctx.has_samples and n:
-            anchor = self._keys(batch, self.key, n).to(device)
-            positive = self._keys(batch, self.positive_key, n).to(device)
+            anchor = self._keys(ctx, self.key).to(device)
+            positive = self._keys(ctx, self.positive_key).to(device)
             masks = self._gist.last_masks if self._gist is not None else {}
             flagged = masks.get("ap")
             if flagged is not None and flagged.shape[1] != n:  # gathered candidates (gather_across_devices)
@@ -146,7 +143,7 @@ class FalseNegativeAudit(SelectionPolicy):
             own[rows, rows + (ctx.trainer.global_rank * n if positive.numel() != n else 0)] = True
             counts[0] = audit_block(anchor.view(-1, 1) == positive.view(1, -1), flagged, own).to(device)
             for k, name in enumerate(self.negative_keys):
-                negative = self._keys(batch, name, n).to(device)
+                negative = self._keys(ctx, name).to(device)
                 flagged_k = masks.get(f"an{k}")
                 if flagged_k is not None and flagged_k.shape[1] != n:
                     negative = ctx.all_gather(negative).reshape(-1)

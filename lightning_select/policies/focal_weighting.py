@@ -118,13 +118,8 @@ class FocalWeighting(StatisticsPolicy):
             raise SelectionError(
                 f"FocalWeighting needs training_step to return {{'loss': per_sample_losses, 'logits': logits}} with "
                 f"logits of shape [{n}, C] (read with ctx.output_field('logits')), but it returned {got}.")
-        batch = ctx.sub_batch if ctx.sub_batch is not None else ctx.batch
-        targets = batch.get(self.target_key) if isinstance(batch, dict) else None
-        if not isinstance(targets, Tensor) or targets.dim() != 1 or targets.shape[0] != n:
-            keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise SelectionError(
-                f"FocalWeighting(target_key={self.target_key!r}) needs the batch to hold [{n}] class targets under "
-                f"{self.target_key!r}, but the batch has {keys}; set target_key to the batch key of the labels.")
+        targets = ctx.row_column(self.target_key, f"FocalWeighting(target_key={self.target_key!r})", "class targets",
+                                 "set target_key to the batch key of the labels")
         if isinstance(self.alpha, Tensor) and self.alpha.numel() != logits.shape[1]:
             raise SelectionError(f"FocalWeighting got {self.alpha.numel()} per-class `alpha` values but logits with "
                                  f"{logits.shape[1]} classes; give one value per class.")

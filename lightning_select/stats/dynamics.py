@@ -306,13 +306,8 @@ class TrainingDynamics(SelectionPolicy):
                 f"(expected [{n}, C]). Return {{'loss': per_sample_losses, 'logits': logits}} from training_step "
                 "(read with ctx.output_field('logits'); no second forward is run), or record only the per-sample loss "
                 "with LossHistory.")
-        batch = ctx.sub_batch if ctx.sub_batch is not None else ctx.batch
-        targets = batch.get(self.target_key) if isinstance(batch, dict) else None
-        if not isinstance(targets, Tensor) or targets.dim() != 1 or targets.shape[0] != n:
-            keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise SelectionError(
-                f"TrainingDynamics(target_key={self.target_key!r}) needs the batch to hold [{n}] class targets under "
-                f"{self.target_key!r}, but the batch has {keys}; set target_key to the batch key of the labels.")
+        targets = ctx.row_column(self.target_key, f"TrainingDynamics(target_key={self.target_key!r})",
+                                 "class targets", "set target_key to the batch key of the labels")
         return logits.detach(), targets.to(logits.device)
 
     def observe(self, ctx: StepContext) -> None:
