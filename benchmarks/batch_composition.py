@@ -44,7 +44,6 @@ The mining time is reported once per dataset (offline, before training).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -65,8 +64,7 @@ from lightning_select import (  # noqa: E402
     SelectionEngine,
     load_guide,
 )
-from lightning_select.data import QuoraDuplicatesDataModule, SickDataModule, load_stsb  # noqa: E402
-from lightning_select.evaluation import sts_spearman  # noqa: E402
+from lightning_select.data import load_stsb  # noqa: E402
 from lightning_select.models import TextEmbeddingModule  # noqa: E402
 from lightning_select.samplers import (  # noqa: E402
     ClusteredBatchSampler,
@@ -74,7 +72,7 @@ from lightning_select.samplers import (  # noqa: E402
     NeighbourExclusionBatchSampler,
 )
 
-from gist_quality import seed_summary  # noqa: E402
+from gist_quality import fit_and_evaluate, make_datamodule, seed_summary, text_parser  # noqa: E402
 
 BATCHES = ["random", "clustered", "mined"]
 EXCLUSION_THRESHOLD = 0.8
@@ -83,18 +81,6 @@ CLUSTER_SIZE = 80
 GIST_MARGIN = {"margin": 0.1, "margin_strategy": "relative"}
 MINING = ["--num-negatives", "1", "--candidate-pool", "20", "--margin", "0.05", "--margin-strategy", "relative",
           "--miner", "guide", "--method", "exact"]
-
-
-def datamodule(dataset: str, args, batch_size: int, seed: int, batch_sampler=None, negatives_path=None):
-    if dataset == "quora":
-        dm = QuoraDuplicatesDataModule(data_dir=args.data_dir, batch_size=batch_size, seed=0, max_train_pairs=20000,
-                                       test_clusters=1000, batch_sampler=batch_sampler, negatives_path=negatives_path)
-    else:
-        dm = SickDataModule(data_dir=args.data_dir, batch_size=batch_size, seed=0, batch_sampler=batch_sampler,
-                            negatives_path=negatives_path)
-    dm.setup("fit")  # the split uses seed 0 for every run ...
-    dm.seed = seed  # ... the data order (and the sampler's choices) use the run's seed
-    return dm
 
 
 def mine(dataset: str, args) -> tuple[Path, dict]:
@@ -112,23 +98,23 @@ def mine(dataset: str, args) -> tuple[Path, dict]:
     return path, json.loads(stats_path.read_text())
 
 
+def composition_sampler(batches: str, num_clusters: int, mix: float):
+    """The batch-sampler factory of a ``batches`` arm (None: the datamodule's seeded shuffling)."""
+    if batches in ("clustered", "student"):
+        return partial(ClusteredBatchSampler, num_clusters=num_clusters, mix=mix)
+    if batches in ("reweighted", "budget"):
+        return partial(ClusterReweightedBatchSampler, num_clusters=num_clusters, budget=0.5,
+                       temperature=0.1 if batches == "reweighted" else 1e6, max_cluster_share=0.02)
+    if batches == "exclusion":
+        return partial(NeighbourExclusionBatchSampler, threshold=EXCLUSION_THRESHOLD)
+    return None
+
+
 def run(dataset: str, batches: str, loss: str, seed: int, args, guide, stsb, mined_path) -> dict[str, float]:
     pl.seed_everything(seed)
     mined = batches == "mined"
-    n_train = 20000 if dataset == "quora" else None
-    sampler = None
-    if batches in ("clustered", "student"):
-        probe = datamodule(dataset, args, 64, seed)
-        n_train = len(probe.train_set)
-        sampler = partial(ClusteredBatchSampler, num_clusters=max(n_train // CLUSTER_SIZE, 2), mix=args.mix)
-    elif batches in ("reweighted", "budget"):
-        probe = datamodule(dataset, args, 64, seed)
-        n_train = len(probe.train_set)
-        sampler = partial(ClusterReweightedBatchSampler, num_clusters=max(n_train // CLUSTER_SIZE, 2), budget=0.5,
-                          temperature=0.1 if batches == "reweighted" else 1e6, max_cluster_share=0.02)
-    elif batches == "exclusion":
-        sampler = partial(NeighbourExclusionBatchSampler, threshold=EXCLUSION_THRESHOLD)
-    dm = datamodule(dataset, args, 64, seed, batch_sampler=sampler, negatives_path=str(mined_path) if mined else None)
+    dm = make_datamodule(dataset, args.data_dir, 64, seed, negatives_path=str(mined_path) if mined else None)
+    dm.batch_sampler = composition_sampler(batches, max(len(dm.train_set) // CLUSTER_SIZE, 2), args.mix)
     negative_keys = ("negative_0",) if mined else ()
     model = TextEmbeddingModule(student_path=os.path.join(args.data_dir, "models", "minilm-l6-m2v-128d"),
                                 temperature=0.05, lr=2e-3, negative_keys=negative_keys)
@@ -154,18 +140,8 @@ def run(dataset: str, batches: str, loss: str, seed: int, args, guide, stsb, min
                                negative_keys=["negative_0_cluster"] if mined else [])
     callbacks.append(audit)
     epochs = args.epochs[dataset] * (2 if batches in ("reweighted", "budget") else 1)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                         check_val_every_n_epoch=epochs)
-    start = time.perf_counter()
-    trainer.fit(model, dm)
-    seconds = time.perf_counter() - start
-    metrics = {k.split("/")[1]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("heldout/")}
-    metrics = {k: v for k, v in metrics.items() if k in ("ndcg@10", "mrr@10")}
-    model.eval()
-    with torch.no_grad():
-        metrics["stsb_spearman"] = sts_spearman(model.encoder(stsb[0]), model.encoder(stsb[1]), stsb[2])
-    metrics["train_seconds"] = seconds
+    metrics = fit_and_evaluate(model, dm, callbacks, epochs, stsb)
+    metrics = {k: v for k, v in metrics.items() if k in ("ndcg@10", "mrr@10", "stsb_spearman", "train_seconds")}
     for key, value in audit.summary().items():
         metrics[key.replace("/", "_")] = value
     return metrics
@@ -206,18 +182,11 @@ def markdown(record: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=os.environ.get("LIGHTNING_SELECT_DATA", "../shared/data"))
-    parser.add_argument("--datasets", nargs="+", default=["quora", "sick"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = text_parser(__doc__, "batch_composition", ["quora", "sick"])
     parser.add_argument("--batches", nargs="+", default=BATCHES,
                         choices=[*BATCHES, "exclusion", "reweighted", "budget", "student"])
     parser.add_argument("--losses", nargs="+", default=LOSSES, choices=LOSSES)
     parser.add_argument("--mix", type=float, default=0.0, help="share of each clustered batch drawn at random")
-    parser.add_argument("--sick-epochs", type=int, default=5)
-    parser.add_argument("--quora-epochs", type=int, default=1)
-    parser.add_argument("--cache-dir", default=str(Path(__file__).parent / ".cache"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "batch_composition.json")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md table from the .json and stop")
     args = parser.parse_args()
     if args.markdown_only:

@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_select import GuidedNegatives, SelectionEngine, load_guide  # noqa: E402
+from lightning_select import FalseNegativeAudit, GuidedNegatives, SelectionEngine, load_guide  # noqa: E402
 from lightning_select.data import QuoraDuplicatesDataModule, SickDataModule, load_stsb  # noqa: E402
 from lightning_select.evaluation import sts_spearman  # noqa: E402
 from lightning_select.models import TextEmbeddingModule  # noqa: E402
@@ -49,40 +49,48 @@ ARMS = ["mnrl", "nodup", "gist_live", "gist_cache", "gist_blocks_only", "gist_fi
         "mnrl_bs256", "gist_bs256"]
 
 
-class FalseNegativeAudit(pl.Callback):
-    """Counts the guide's AP flags against gold (same duplicate cluster) over every training step."""
-
-    def __init__(self, gist: GuidedNegatives) -> None:
-        self.gist = gist
-        self.tp = self.flagged = self.gold = self.candidates = 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        mask = self.gist.last_masks.get("ap")
-        if mask is None:
-            return
-        a, p = batch["anchor_cluster"], batch["positive_cluster"]
-        gold = a.view(-1, 1) == p.view(1, -1)
-        gold.fill_diagonal_(False)
-        self.tp += int((mask & gold).sum())
-        self.flagged += int(mask.sum())
-        self.gold += int(gold.sum())
-        self.candidates += mask.numel() - mask.shape[0]
-
-    def report(self) -> dict[str, float]:
-        return {"fn_precision": self.tp / max(self.flagged, 1), "fn_recall": self.tp / max(self.gold, 1),
-                "masked_fraction_ap": self.flagged / max(self.candidates, 1),
-                "gold_fraction_ap": self.gold / max(self.candidates, 1)}
-
-
-def make_datamodule(dataset: str, data_dir: str, batch_size: int, seed: int, no_duplicates: bool):
+def make_datamodule(dataset: str, data_dir: str, batch_size: int, seed: int, **options):
+    """The text benchmarks' data: Quora (20k training pairs, 1000 held-out clusters) or SICK, split with seed 0;
+    the run's ``seed`` sets the data order. ``options`` go to the datamodule (``no_duplicates``, ``negatives_path``;
+    a ``batch_sampler`` may also be set on the result after ``setup``, when it needs the training-set size)."""
     if dataset == "quora":
         dm = QuoraDuplicatesDataModule(data_dir=data_dir, batch_size=batch_size, seed=0,
-                                       max_train_pairs=20000, test_clusters=1000, no_duplicates=no_duplicates)
+                                       max_train_pairs=20000, test_clusters=1000, **options)
     else:
-        dm = SickDataModule(data_dir=data_dir, batch_size=batch_size, seed=0, no_duplicates=no_duplicates)
+        dm = SickDataModule(data_dir=data_dir, batch_size=batch_size, seed=0, **options)
     dm.setup("fit")  # the split uses seed 0 for every run ...
     dm.seed = seed  # ... the data order uses the run's seed
     return dm
+
+
+def text_parser(doc: str, out_name: str, datasets: list[str]) -> argparse.ArgumentParser:
+    """The options every text benchmark shares (data, datasets, seeds, epochs, guide cache, result file)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=os.environ.get("LIGHTNING_SELECT_DATA", "../shared/data"))
+    parser.add_argument("--datasets", nargs="+", default=datasets)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sick-epochs", type=int, default=5)
+    parser.add_argument("--quora-epochs", type=int, default=1)
+    parser.add_argument("--cache-dir", default=str(Path(__file__).parent / ".cache"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / f"{out_name}.json")
+    return parser
+
+
+def fit_and_evaluate(model: TextEmbeddingModule, dm, callbacks: list, epochs: int, stsb) -> dict[str, float]:
+    """Fit on CPU for ``epochs`` (validating once, at the end; no logger, checkpoints or progress bar); return
+    the held-out retrieval metrics, the STSb test Spearman and the fit's wall clock."""
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                         check_val_every_n_epoch=epochs)
+    start = time.perf_counter()
+    trainer.fit(model, dm)
+    seconds = time.perf_counter() - start
+    metrics = {k.split("/")[1]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("heldout/")}
+    model.eval()
+    with torch.no_grad():
+        metrics["stsb_spearman"] = sts_spearman(model.encoder(stsb[0]), model.encoder(stsb[1]), stsb[2])
+    metrics["train_seconds"] = seconds
+    return metrics
 
 
 def run(dataset: str, arm: str, seed: int, args, guide, stsb) -> dict[str, float]:
@@ -106,21 +114,13 @@ def run(dataset: str, arm: str, seed: int, args, guide, stsb) -> dict[str, float
     if gist is not None:
         callbacks.append(gist)
         if dataset == "quora" and arm in ("gist_cache", "gist_bs256"):
-            audit = FalseNegativeAudit(gist)
+            audit = FalseNegativeAudit(key="anchor_cluster", positive_key="positive_cluster")
             callbacks.append(audit)
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=args.epochs[dataset], logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=callbacks, check_val_every_n_epoch=args.epochs[dataset])
-    start = time.perf_counter()
-    trainer.fit(model, dm)
-    seconds = time.perf_counter() - start
-    metrics = {k.split("/")[1]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("heldout/")}
-    model.eval()
-    with torch.no_grad():
-        metrics["stsb_spearman"] = sts_spearman(model.encoder(stsb[0]), model.encoder(stsb[1]), stsb[2])
-    metrics["train_seconds"] = seconds
-    if audit is not None:
-        metrics.update(audit.report())
+    metrics = fit_and_evaluate(model, dm, callbacks, args.epochs[dataset], stsb)
+    if audit is not None:  # the AP block's flags against the gold duplicate clusters
+        ap = audit.summary()
+        metrics.update({"fn_precision": ap["ap/precision"], "fn_recall": ap["ap/recall"],
+                        "masked_fraction_ap": ap["ap/flagged_fraction"], "gold_fraction_ap": ap["ap/gold_fraction"]})
     return metrics
 
 
@@ -137,15 +137,8 @@ def seed_summary(runs: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=os.environ.get("LIGHTNING_SELECT_DATA", "../shared/data"))
-    parser.add_argument("--datasets", nargs="+", default=["sick", "quora"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = text_parser(__doc__, "gist_quality", ["sick", "quora"])
     parser.add_argument("--arms", nargs="+", default=ARMS)
-    parser.add_argument("--sick-epochs", type=int, default=5)
-    parser.add_argument("--quora-epochs", type=int, default=1)
-    parser.add_argument("--cache-dir", default=str(Path(__file__).parent / ".cache"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "gist_quality.json")
     args = parser.parse_args()
     args.epochs = {"sick": args.sick_epochs, "quora": args.quora_epochs}
     torch.set_num_threads(2)

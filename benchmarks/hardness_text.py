@@ -26,11 +26,9 @@ GIST's masking removes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,10 +40,9 @@ import torch  # noqa: E402
 from lightning_select import GuidedNegatives, HardnessWeightedNegatives, SelectionEngine, SelectionPolicy  # noqa: E402
 from lightning_select import load_guide  # noqa: E402
 from lightning_select.data import load_stsb  # noqa: E402
-from lightning_select.evaluation import sts_spearman  # noqa: E402
 from lightning_select.models import TextEmbeddingModule  # noqa: E402
 
-from gist_quality import make_datamodule, seed_summary  # noqa: E402  (the GIST benchmark's splits, data order, summary)
+from gist_quality import fit_and_evaluate, make_datamodule, seed_summary, text_parser  # noqa: E402  (shared)
 
 ARMS = ["mnrl", "mnrl_hardness", "gist", "gist_hardness"]
 ARM = re.compile(r"(?P<base>mnrl|gist)(?P<hardness>_hardness(?:_a(?P<alpha>\d+(?:\.\d+)?))?(?P<blocks>_blocks)?)?")
@@ -107,7 +104,7 @@ def run(dataset: str, arm: str, seed: int, args, guide, stsb) -> dict[str, float
     if spec is None:
         raise SystemExit(f"unknown arm {arm!r}; expected e.g. {ARMS} or gist_hardness_blocks, mnrl_hardness_a3")
     pl.seed_everything(seed)
-    dm = make_datamodule(dataset, args.data_dir, 64, seed, no_duplicates=False)
+    dm = make_datamodule(dataset, args.data_dir, 64, seed)
     model = TextEmbeddingModule(student_path=os.path.join(args.data_dir, "models", "minilm-l6-m2v-128d"),
                                 temperature=0.05, lr=2e-3)
     probe = LogitProbe()
@@ -122,17 +119,7 @@ def run(dataset: str, arm: str, seed: int, args, guide, stsb) -> dict[str, float
                                precompute=True)
         audit = GistMaskAudit(gist)
         callbacks += [gist, audit]
-    epochs = args.epochs[dataset]
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                         check_val_every_n_epoch=epochs)
-    start = time.perf_counter()
-    trainer.fit(model, dm)
-    metrics = {k.split("/")[1]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("heldout/")}
-    metrics["train_seconds"] = time.perf_counter() - start
-    model.eval()
-    with torch.no_grad():
-        metrics["stsb_spearman"] = sts_spearman(model.encoder(stsb[0]), model.encoder(stsb[1]), stsb[2])
+    metrics = fit_and_evaluate(model, dm, callbacks, args.epochs[dataset], stsb)
     metrics.update(probe.report())
     if audit is not None:
         metrics.update(audit.report())
@@ -168,16 +155,9 @@ def markdown(out: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=os.environ.get("LIGHTNING_SELECT_DATA", "../shared/data"))
-    parser.add_argument("--datasets", nargs="+", default=["sick", "quora"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser = text_parser(__doc__, "hardness_text", ["sick", "quora"])
     parser.add_argument("--arms", nargs="+", default=ARMS)
     parser.add_argument("--alpha", type=float, default=9.0)
-    parser.add_argument("--sick-epochs", type=int, default=5)
-    parser.add_argument("--quora-epochs", type=int, default=1)
-    parser.add_argument("--cache-dir", default=str(Path(__file__).parent / ".cache"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "hardness_text.json")
     args = parser.parse_args()
     args.epochs = {"sick": args.sick_epochs, "quora": args.quora_epochs}
     torch.set_num_threads(2)
