@@ -264,10 +264,10 @@ class ClusterReweightedBatchSampler(ClusterBatchSampler):
         sizes = self.cluster_sizes().double()
         return sizes / sizes.sum()
 
-    def __len__(self) -> int:  # known before the clusters are (Lightning sizes the loader before training starts)
-        full, rest = divmod(self.budget_size, self.batch_size)
-        batches = full + (1 if rest and not self.drop_last else 0)
-        return (batches + self.num_replicas - 1) // self.num_replicas
+    @property
+    def num_global_batches(self) -> int:
+        """Global batches per epoch: those of the ``round(budget · N)`` samples an epoch trains."""
+        return self.batches_of(self.budget_size)
 
     # ------------------------------------------------------------------ state
     def _options(self) -> dict[str, Any]:

@@ -332,9 +332,6 @@ class ClusteredBatchSampler(ClusterBatchSampler):
         sizes = self.cluster_sizes().double()
         return sizes / sizes.sum()
 
-    def __len__(self) -> int:  # known before the clusters are (Lightning sizes the loader before training starts)
-        return (len(self.batch_sizes()) + self.num_replicas - 1) // self.num_replicas
-
     # ------------------------------------------------------------------ state
     def _options(self) -> dict[str, Any]:
         return {**super()._options(), "mix": self.mix}

@@ -16,7 +16,9 @@ This base owns everything else, once:
   first ``k`` of the next iteration, and :meth:`state_dict` holds the structure and the options.
 
 Subclasses implement :meth:`set_embeddings` (derive and store the structure), :meth:`epoch_batches`
-(the global batch list of an epoch) and :meth:`_structure_state` / :meth:`_load_structure`.
+(the global batch list of an epoch, :attr:`num_global_batches` long) and :meth:`_structure_state` /
+:meth:`_load_structure`. ``len()`` needs no structure, since Lightning sizes the loader before any
+callback can set one.
 Until a structure is set, iterating raises a :class:`RuntimeError` that says how to set one.
 
 The callback :class:`~lightning_select.policies.batch_composition.BatchComposition` feeds the
@@ -152,8 +154,21 @@ class ComposedBatchSampler(Sampler[list[int]]):
         skip, self._skip = self._skip, 0
         return iter([list(b) for b in self.rank_batches()[skip:]])
 
+    @property
+    def num_global_batches(self) -> int:
+        """Global batches per epoch, known before the structure is (Lightning sizes the loader before training
+        starts): ``ceil(N / batch_size)``, ``floor`` with ``drop_last``. ``epoch_batches`` must return this many;
+        a subclass that trains another number of samples per epoch overrides it (see :meth:`batches_of`)."""
+        return self.batches_of(self.num_samples)
+
+    def batches_of(self, count: int) -> int:
+        """Batches of ``batch_size`` that ``count`` samples make (a short last one unless ``drop_last``)."""
+        full, rest = divmod(count, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
     def __len__(self) -> int:
-        return len(self.rank_batches())
+        """This rank's batches per epoch: the global ones shared out as :meth:`rank_batches` does (padded)."""
+        return -(-self.num_global_batches // self.num_replicas)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

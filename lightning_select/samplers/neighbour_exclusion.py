@@ -109,19 +109,10 @@ class NeighbourExclusionBatchSampler(ComposedBatchSampler):
         self._blocked = [frozenset(v) for v in neighbour_lists(self.pairs, self.num_samples)]
         self.invalidate()
 
-    @property
-    def num_global_batches(self) -> int:
-        """Global batches per epoch: ``ceil(N / batch_size)``, or ``floor`` with ``drop_last``."""
-        full, rest = divmod(self.num_samples, self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
-
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         order = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, epoch)).tolist()
         return greedy_batches(order, self.batch_size, self._blocked, self._marks, drop_last=self.drop_last,
                               num_batches=self.num_global_batches)
-
-    def __len__(self) -> int:  # known before the pairs are (Lightning sizes the loader before training starts)
-        return -(-self.num_global_batches // self.num_replicas)
 
     def collisions(self, epoch: int | None = None) -> int:
         """Samples that share a batch with one of their neighbours in ``epoch`` (default: the current one)."""
